@@ -1,0 +1,81 @@
+"""Training callbacks: things a person looks at while a run trains."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+
+from aniportrait.face.drawing import draw_landmark_sequence
+from aniportrait.face.geometry import pose6_to_matrix, project_points
+from aniportrait.metrics.landmarks import mouth_opening
+
+__all__ = ["LandmarkPreviews"]
+
+log = logging.getLogger(__name__)
+
+# A frontal camera 45 cm in front of the canonical face: previews do not depend on any clip's camera.
+_PREVIEW_CAMERA = pose6_to_matrix(np.array([0.0, 0.0, 0.0, 0.0, 0.0, -45.0]))
+
+
+class LandmarkPreviews(pl.Callback):
+    """After each validation: the first validation window as a video (predicted | ground-truth pose
+    images, with the window's audio) and a plot of mouth opening over time; files under ``out_dir``,
+    also logged to Weights & Biases when that logger is active."""
+
+    def __init__(self, out_dir: str, size: int = 256):
+        self.out_dir = Path(out_dir)
+        self.size = size
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        preview = getattr(pl_module, "preview", None)
+        if trainer.sanity_checking or not trainer.is_global_zero or not preview:
+            return
+        from aniportrait.data.video import write_video
+
+        step = trainer.global_step
+        batch = preview["batch"]
+        mask = batch["frame_mask"].numpy()
+        frames = int(batch["audio_mask"].sum())
+        true_mesh = batch["mesh"].numpy()[:frames]
+        pred_mesh = preview["pred_mesh"].numpy()[:frames]
+        true_poses = batch["poses"].numpy()[:frames]
+        pred_poses = preview.get("pred_poses", batch["poses"]).numpy()[:frames]
+        size = (self.size, self.size)
+        left = draw_landmark_sequence(project_points(pred_mesh, _PREVIEW_CAMERA, pred_poses, size), size)
+        right = draw_landmark_sequence(project_points(true_mesh, _PREVIEW_CAMERA, true_poses, size), size)
+        audio = batch["audio"].numpy()
+        audio = audio / max(float(np.abs(audio).max()), 1e-6) * 0.5
+        fps = float(getattr(pl_module, "data_settings", {}).get("fps", 30.0))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        video_path = write_video(self.out_dir / f"step_{step:06d}.mp4", np.concatenate([left, right], axis=2), fps,
+                                 audio=audio[: round(frames * 16000 / fps)], preset="veryfast")
+        plot_path = self._plot(step, mouth_opening(pred_mesh), mouth_opening(true_mesh), mask[:frames], fps)
+        for logger in trainer.loggers:
+            if isinstance(logger, pl.loggers.WandbLogger):
+                import wandb
+
+                logger.experiment.log({"preview/video": wandb.Video(str(video_path), format="mp4"),
+                                       "preview/mouth": wandb.Image(str(plot_path))}, step=step)
+
+    def _plot(self, step: int, predicted: np.ndarray, truth: np.ndarray, mask: np.ndarray, fps: float) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        seconds = np.arange(len(truth)) / fps
+        figure, axis = plt.subplots(figsize=(8, 2.5), dpi=100)
+        axis.plot(seconds, np.where(mask, truth, np.nan), label="ground truth", color="black")
+        axis.plot(seconds, np.where(mask, predicted, np.nan), label="predicted", color="tab:red")
+        axis.set_xlabel("seconds")
+        axis.set_ylabel("inner-lip gap (cm)")
+        axis.set_title(f"mouth opening, step {step}")
+        axis.legend(loc="upper right")
+        figure.tight_layout()
+        path = self.out_dir / f"step_{step:06d}_mouth.png"
+        figure.savefig(path)
+        plt.close(figure)
+        return path
