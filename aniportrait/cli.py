@@ -71,9 +71,18 @@ def _check_overrides(conf: Path, config_name: str, overrides: list[str]) -> None
               "or add a new key with +key=value")
 
 
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("cwd"):
+        OmegaConf.register_new_resolver("cwd", os.getcwd)  # usable before Hydra's runtime config exists
+
+
 def run_hydra(config_name: str, task: Callable, argv: list[str] | None = None):
     """Run ``task(cfg)`` under Hydra with the project's conf/ folder and our error handling."""
     import hydra
+
+    _register_resolvers()
 
     try:
         conf = config_dir()
@@ -93,16 +102,14 @@ def run_hydra(config_name: str, task: Callable, argv: list[str] | None = None):
 
 
 def _train_task(cfg):
+    from aniportrait.training.run import print_metrics
     from aniportrait.training.run import train as train_run
 
     metrics, bundle = train_run(cfg)
-    value = metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
-    from aniportrait.training.run import _print_metrics
-
-    _print_metrics(metrics)
+    print_metrics(metrics)
     if bundle is not None:
         print(f"bundle: {bundle}", flush=True)
-    return value
+    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
 
 
 def _evaluate_task(cfg):

@@ -38,7 +38,10 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
                     data = data.T  # (samples, channels)
                 else:
                     data = data.reshape(-1, len(frame.layout.channels))
-                if np.issubdtype(data.dtype, np.integer):
+                if np.issubdtype(data.dtype, np.unsignedinteger):  # e.g. 8-bit PCM: offset binary
+                    half = float(np.iinfo(data.dtype).max + 1) / 2
+                    data = (data.astype(np.float32) - half) / half
+                elif np.issubdtype(data.dtype, np.integer):
                     data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
                 chunks.append(data.astype(np.float32, copy=False))
                 rate = frame.sample_rate or rate

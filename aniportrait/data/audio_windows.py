@@ -233,18 +233,26 @@ class AudioLandmarkDataModule(pl.LightningDataModule):
         if "train" not in self.datasets:
             raise AniPortraitError(f"{self.root}: the manifest has no train clips with audio")
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, drop_last=shuffle)
+    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          drop_last=sampler is not None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        # Index i always gives the same random window, so reading indices in order is already a random
+        # stream. Starting at the samples already consumed makes a resumed run see exactly the batches an
+        # uninterrupted one would; under DDP, Lightning shards this order so the global batch is unchanged.
+        consumed = 0
+        trainer = self.trainer
+        if trainer is not None:
+            consumed = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * trainer.world_size
+        return self._loader("train", self.batch_size, sampler=range(consumed, len(self.datasets["train"])))
 
     def val_dataloader(self) -> DataLoader:
         split = "val" if "val" in self.datasets else "train"
-        return self._loader(split, self.eval_batch_size, shuffle=False)
+        return self._loader(split, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.datasets:
             raise AniPortraitError(f"{self.root}: the manifest has no test clips")
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size)

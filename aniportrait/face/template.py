@@ -73,7 +73,7 @@ def build_face_template(samples_dir: str | Path, task_path: str | Path) -> tuple
     for video in sorted((samples_dir / "video").glob("*.mp4")):
         fps = probe_video(video).fps
         with FaceLandmarker(task_path, mode="video", max_faces=1) as landmarker:
-            meshes = _neutral_meshes(read_video(video), lambda f, i: landmarker.detect(f, round(i * 1000 / fps)))
+            meshes = _neutral_meshes(read_video(video), lambda f, i, fps=fps: landmarker.detect(f, round(i * 1000 / fps)))
         if meshes:
             per_source.append(np.median(np.stack(meshes), axis=0))
             used.append(f"{video.name}: {len(meshes)} neutral frames")

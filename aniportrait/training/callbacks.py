@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from aniportrait.face.drawing import draw_landmark_sequence
 from aniportrait.face.geometry import pose6_to_matrix, project_points
 from aniportrait.metrics.landmarks import mouth_opening
 
-__all__ = ["LandmarkPreviews"]
+__all__ = ["LandmarkPreviews", "ResumableRandomState"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +81,36 @@ class LandmarkPreviews(pl.Callback):
         figure.savefig(path)
         plt.close(figure)
         return path
+
+
+class ResumableRandomState(pl.Callback):
+    """Save the random generators (torch, CUDA, numpy, Python) with each checkpoint and restore them at the
+    first training batch after a resume, so a resumed run draws the same dropout and SpecAugment masks as
+    an uninterrupted one. Restoring at the batch, not at load, skips the draws Lightning makes in between
+    (a new dataloader iterator takes a seed)."""
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        numpy_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(state["python"])

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["train"]
+__all__ = ["train", "print_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _final_metrics(trainer: pl.Trainer, module: pl.LightningModule, datamodule) 
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
-def _print_metrics(metrics: dict[str, float]) -> None:
+def print_metrics(metrics: dict[str, float]) -> None:
     if not metrics:
         return
     width = max(len(name) for name in metrics)
@@ -62,6 +62,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
 
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
         for logger in loggers:
             logger.log_hyperparams(resolved)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -79,5 +81,5 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
             if isinstance(logger, pl.loggers.WandbLogger):
                 import wandb
 
-                wandb.finish(quiet=True)
+                wandb.finish()
     return metrics, bundle

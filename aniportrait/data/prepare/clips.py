@@ -13,7 +13,7 @@ import numpy as np
 from aniportrait.audio.io import write_wav
 from aniportrait.data.clip import clip_dir, save_landmarks
 from aniportrait.data.prepare.config import PrepareConfig
-from aniportrait.data.prepare.source import SourceVideo, audio_for_frames, read_frames
+from aniportrait.data.prepare.source import SourceVideo, audio_for_frames, chunk_frames, read_frames
 from aniportrait.data.prepare.track import Segment
 from aniportrait.data.video import VideoWriter
 from aniportrait.face.landmarks import FaceLandmarker, LandmarkSequence
@@ -22,7 +22,6 @@ from aniportrait.utils.atomic import atomic_dir
 __all__ = ["crop_square", "write_clip", "landmark_jitter", "audio_status", "CLIP_INFO", "ClipRejected"]
 
 CLIP_INFO = "clip.json"  # the clip's manifest record and QC entry; its presence marks a finished clip
-_CHUNK_FRAMES = 32
 _SILENCE_RMS = 10 ** (-60 / 20)  # below -60 dBFS a track counts as silent (still valid audio)
 
 
@@ -114,8 +113,9 @@ def write_clip(
             # re-run the detector every frame and move the landmarks (see aniportrait.face.landmarks).
             with FaceLandmarker(config.landmarker_model, mode="video", max_faces=1) as landmarker:
                 sequence = LandmarkSequence(landmarker, fps)
-                for chunk_start in range(segment.start, segment.end, _CHUNK_FRAMES):
-                    indices = timeline[chunk_start : min(segment.end, chunk_start + _CHUNK_FRAMES)]
+                step = chunk_frames(source)
+                for chunk_start in range(segment.start, segment.end, step):
+                    indices = timeline[chunk_start : min(segment.end, chunk_start + step)]
                     crops = crop_square(read_frames(reader, indices), segment.crop_box, config.size)
                     writer.write(crops)
                     sequence.extend(crops)

@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -145,7 +147,7 @@ def process_source(path: Path, key: str, config: PrepareConfig, root: Path) -> d
     timeline = output_timeline(source, config.fps, config.max_source_seconds)  # (N,) source frame per output frame
     if len(timeline) == 0:
         return finish("rejected", "too short: no output frame")
-    track = track_faces(reader, timeline, config)
+    track = track_faces(reader, source, timeline, config)
     if track.decode_error:
         warnings.append(
             f"decoding failed at {track.decoded / config.fps:.2f} s ({track.decode_error}): the file is truncated or "
@@ -158,7 +160,7 @@ def process_source(path: Path, key: str, config: PrepareConfig, root: Path) -> d
         region = find_small_face(reader, timeline, config)
         if region is not None:
             warnings.append(f"small face: found by a tiled search; tracked inside the region {list(region)}")
-            track = track_faces(reader, timeline, config, roi=region)
+            track = track_faces(reader, source, timeline, config, roi=region)
     if not track.found.any():
         return finish("rejected", "no face found in any frame")
 
@@ -211,6 +213,29 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
 
 
+def _run_in_workers(pending: list[tuple], workers: int, progress) -> dict[str, dict]:
+    """Process sources in spawned worker processes; a worker that dies (out of memory, a native crash)
+    stops the run with a clear error instead of hanging, and everything finished so far is kept."""
+    results = {}
+    context = multiprocessing.get_context("spawn")  # MediaPipe and decord are not fork-safe
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as executor:
+        futures = [executor.submit(_process_task, task) for task in pending]
+        try:
+            for future in as_completed(futures):
+                outcome = future.result()
+                results[outcome["source"]["source"]] = outcome
+                progress.update()
+        except BrokenProcessPool as error:
+            raise AniPortraitError(
+                "a prepare worker process died (out of memory, or a crash inside a native library); finished videos "
+                "are kept: rerun to resume, with fewer workers, or workers=1 to see which video it was"
+            ) from error
+        finally:
+            for future in futures:
+                future.cancel()
+    return results
+
+
 class _RunLock:
     """``<root>/.prepare/lock`` holds the pid of the run writing to the root."""
 
@@ -254,8 +279,8 @@ def _check_state(root: Path, config: PrepareConfig, input_path: Path) -> None:
         if stored["input"] != wanted["input"]:
             changed.insert(0, "input")
         if changed:
-            before = ", ".join(f"{k}={stored['processing'].get(k, stored['input']) if k != 'input' else stored['input']}"
-                               for k in changed)
+            previous = {"input": stored["input"], **stored["processing"]}
+            before = ", ".join(f"{key}={previous.get(key)}" for key in changed)
             raise AniPortraitError(
                 f"{root} was prepared with {before}; this run differs in {', '.join(changed)}. "
                 "Use a new output folder, the same settings, or overwrite=true to redo everything"
@@ -324,11 +349,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
                     results[outcome["source"]["source"]] = outcome
                     progress.update()
             else:
-                context = multiprocessing.get_context("spawn")
-                with context.Pool(min(config.workers, len(pending)), initializer=_init_worker) as pool:
-                    for outcome in pool.imap_unordered(_process_task, pending):
-                        results[outcome["source"]["source"]] = outcome
-                        progress.update()
+                results.update(_run_in_workers(pending, min(config.workers, len(pending)), progress))
         finally:
             progress.close()
         source_entries = [results[key]["source"] for _, key in sources]

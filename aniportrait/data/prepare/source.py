@@ -8,6 +8,7 @@ video stream's start time (decord's frame times start at zero; the audio is alig
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,21 @@ from aniportrait.audio.io import SAMPLE_RATE
 from aniportrait.data.video import probe_video
 from aniportrait.errors import AniPortraitError
 
-__all__ = ["SourceVideo", "open_source", "output_timeline", "read_frames", "audio_for_frames", "DecodeError"]
+__all__ = [
+    "SourceVideo", "open_source", "output_timeline", "read_frames", "chunk_frames", "audio_for_frames", "DecodeError",
+]
+
+_CHUNK_BYTES = 256 * 1024 * 1024  # decoded frames held at once per worker (a 4K frame is 25 MB)
 
 
 class DecodeError(Exception):
     """decord failed part-way through a file (truncated or damaged data)."""
+
+
+def _decord_message(error: Exception) -> str:
+    """decord's first error line without its ``[time] source.cc:line:`` prefix."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: (Error: )?", "", line)[:200]
 
 
 @dataclass
@@ -77,7 +88,7 @@ def open_source(path: Path, key: str):
         first = reader[0].asnumpy() if frames else None
     except Exception as error:  # noqa: BLE001 - decord raises DECORDError and RuntimeError
         raise AniPortraitError(
-            f"cannot decode video {path} ({str(error).splitlines()[0][:200]}); the file is truncated or damaged: "
+            f"cannot decode video {path} ({_decord_message(error)}); the file is truncated or damaged: "
             "download it again or remux it (ffmpeg -i IN -c copy OUT)"
         ) from error
     if frames == 0 or first is None:
@@ -112,14 +123,19 @@ def output_timeline(source: SourceVideo, fps: float, max_seconds: float | None =
     return np.where(take_before, before, after).astype(np.int64)
 
 
+def chunk_frames(source: SourceVideo, most: int = 32) -> int:
+    """Frames to decode at once: at most ``most``, fewer for large frames (bounded memory per worker)."""
+    return int(max(1, min(most, _CHUNK_BYTES // (source.width * source.height * 3))))
+
+
 def read_frames(reader, indices: np.ndarray) -> np.ndarray:
     """RGB frames (len(indices), H, W, 3) for source indices (repeats allowed); DecodeError on damage."""
     unique, inverse = np.unique(indices, return_inverse=True)
     try:
         batch = reader.get_batch([int(i) for i in unique]).asnumpy()
     except Exception as error:  # noqa: BLE001 - decord raises DECORDError and RuntimeError
-        raise DecodeError(str(error).splitlines()[0][:200]) from error
-    return batch[inverse]
+        raise DecodeError(_decord_message(error)) from error
+    return batch if len(unique) == len(indices) else batch[inverse]
 
 
 def audio_for_frames(audio: np.ndarray, source: SourceVideo, fps: float, start_frame: int, frames: int) -> np.ndarray:

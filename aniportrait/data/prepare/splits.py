@@ -106,16 +106,18 @@ def assign_splits(
     seed: int = 0,
     fixed: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """``{identity: split}``. With three or more free identities val and test get at least one each."""
+    """``{identity: split}``. Non-zero fractions get at least one identity each when there are enough
+    identities to keep one for training: val from two identities on, test from three."""
     fixed = fixed or {}
     unique = sorted(set(identities))
     free = sorted((identity for identity in unique if identity not in fixed), key=lambda name: _rank(name, seed))
     count = len(free)
     test = round(test_fraction * count)
     val = round(val_fraction * count)
-    if count >= 3:
-        test = max(test, 1) if test_fraction > 0 else 0
-        val = max(val, 1) if val_fraction > 0 else 0
+    if count >= 2 and val_fraction > 0:
+        val = max(val, 1)
+    if count >= 3 and test_fraction > 0:
+        test = max(test, 1)
     assignment = {identity: fixed[identity] for identity in unique if identity in fixed}
     for position, identity in enumerate(free):
         assignment[identity] = "test" if position < test else "val" if position < test + val else "train"

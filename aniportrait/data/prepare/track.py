@@ -15,13 +15,12 @@ import cv2
 import numpy as np
 
 from aniportrait.data.prepare.config import PrepareConfig
-from aniportrait.data.prepare.source import DecodeError, SourceVideo, read_frames
+from aniportrait.data.prepare.source import DecodeError, SourceVideo, chunk_frames, read_frames
 from aniportrait.face.geometry import smooth_pose_sequence
 from aniportrait.face.landmarks import FaceLandmarker, find_face_in_tiles
 
 __all__ = ["FaceTrack", "Segment", "track_faces", "find_small_face", "split_segments", "fit_crop"]
 
-_CHUNK_FRAMES = 32
 _SMALL_FACE_SAMPLES = 5
 
 
@@ -84,6 +83,7 @@ def _colour_histogram(frame: np.ndarray) -> np.ndarray:
 
 def track_faces(
     reader,
+    source: SourceVideo,
     timeline: np.ndarray,
     config: PrepareConfig,
     roi: tuple[int, int, int, int] | None = None,
@@ -96,8 +96,9 @@ def track_faces(
     previous_histogram = None
     decoded, decode_error = count, None
     with FaceLandmarker(config.landmarker_model, mode="video", max_faces=config.max_faces) as landmarker:
-        for chunk_start in range(0, count, _CHUNK_FRAMES):
-            indices = timeline[chunk_start : chunk_start + _CHUNK_FRAMES]
+        step = chunk_frames(source)
+        for chunk_start in range(0, count, step):
+            indices = timeline[chunk_start : chunk_start + step]
             try:
                 frames = read_frames(reader, indices)
             except DecodeError as error:

@@ -1,0 +1,440 @@
+"""Stage-B training samples: video frames, their pose images and a reference frame, built on the fly from clips.
+
+A sample holds ``f = n_sample_frames`` target frames (1 in stage 1; 16 in stage 2, ``sample_rate`` frames
+apart) and a reference frame drawn at random from the same clip, as the official ``FaceDataset`` does:
+
+    pixel_values     (f, 3, H, W)  float32  target frames in [-1, 1]
+    pose_images      (f, 3, H, W)  float32  the targets' landmarks drawn as pose images (official look), scaled
+    reference_image  (3, H, W)     float32  the reference frame in [-1, 1]
+    reference_pose   (3, H, W)     float32  its pose image, scaled like ``pose_images``
+    clip_image       (3, S, S)     float32  the reference frame through the CLIP image processor (S: its crop size)
+    sample_index     ()            int64    the sample's number (the training step seeds its noise with it)
+    clip_index       ()            int64    which clip of the split
+    frame_indices    (f,)          int64    which frames of the clip
+    reference_frame  ()            int64
+
+Pose images are drawn from the clip's ``lmks`` with :func:`aniportrait.face.drawing.draw_landmarks` at the
+output size and scaled by ``pose_scaling`` ("unit", [-1, 1], as official training feeds them).
+Augmentation (training only): one random crop of ``crop_scale`` times the largest crop with the output's aspect
+ratio, shared by the targets, their poses and the reference (landmarks are mapped through the same crop), and an
+optional horizontal flip (off by default: a flipped pose image shows the left-eye colour on the right).
+
+Every sample is a pure function of ``(seed, index)``, so the same index always gives the same sample, runs are
+reproducible, and ranks that draw disjoint indices shard cleanly. :class:`ResumableBatchLoader` numbers the
+training samples by step, so a resumed run continues with the batch an uninterrupted run would have seen.
+
+Clips shorter than ``(n_sample_frames - 1) * min(sample_rate) + 1`` frames are skipped with a logged count.
+Random access into H.264 decodes from the previous keyframe: datasets prepared with short GOPs load much faster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import CLIPImageProcessor
+
+from aniportrait.data.clip import ClipRecord, Manifest
+from aniportrait.errors import AniPortraitError
+from aniportrait.face.drawing import draw_landmarks
+from aniportrait.models.pose_image_scaling import POSE_IMAGE_SCALINGS, scale_pose_images
+
+__all__ = ["FrameSettings", "VideoFrameDataset", "ResumableBatchLoader", "VideoFrameDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    """How samples are cut from clips (shared by the datasets of a datamodule)."""
+
+    n_sample_frames: int = 1
+    sample_rates: tuple[int, ...] = (1,)  # one is chosen per sample (official stage 2: 1 or 4)
+    width: int = 512
+    height: int = 512
+    pose_scaling: str = "unit"
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    horizontal_flip: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_sample_frames < 1:
+            raise AniPortraitError(f"n_sample_frames={self.n_sample_frames}: need at least 1 frame per sample")
+        if not self.sample_rates or min(self.sample_rates) < 1:
+            raise AniPortraitError(f"sample_rate={list(self.sample_rates)}: give positive frame strides, e.g. 4 or [1, 4]")
+        if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
+            raise AniPortraitError(f"width x height = {self.width} x {self.height}: both must be positive multiples "
+                                   "of 8 (the VAE downsamples by 8)")
+        if self.pose_scaling not in POSE_IMAGE_SCALINGS:
+            raise AniPortraitError(f"pose_scaling={self.pose_scaling!r}: expected one of {POSE_IMAGE_SCALINGS}")
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise AniPortraitError(f"crop_scale={list(self.crop_scale)}: expected [min, max] with 0 < min <= max <= 1")
+        if not 0.0 <= self.horizontal_flip <= 1.0:
+            raise AniPortraitError(f"horizontal_flip={self.horizontal_flip}: a probability in [0, 1]")
+
+    @property
+    def min_clip_frames(self) -> int:
+        """Frames a clip needs to yield a sample at the smallest stride."""
+        return (self.n_sample_frames - 1) * min(self.sample_rates) + 1
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """Everything random about one sample."""
+
+    clip_index: int
+    frame_indices: np.ndarray  # (f,)
+    reference_frame: int
+    crop_draw: np.ndarray | None  # 3 uniforms (scale, y, x) of a random crop; None = centred, largest
+    flip: bool
+
+
+class VideoFrameDataset(Dataset):
+    """Samples from the clips of one split.
+
+    ``random_clips``: each index draws its clip at random (training; ``length`` samples per epoch, but any
+    non-negative index is valid); otherwise index ``i`` uses clip ``i % clips`` (validation: a fixed set).
+    ``augment`` switches the random crop and flip on.
+    """
+
+    def __init__(self, root: str | Path, records: Sequence[ClipRecord], settings: FrameSettings,
+                 clip_image_processor: CLIPImageProcessor, split: str = "train", random_clips: bool = True,
+                 augment: bool = True, length: int = 10_000, seed: int = 0, cache_clips: int = 8):
+        self.root, self.settings, self.split = Path(root), settings, split
+        self.clip_image_processor = clip_image_processor
+        self.random_clips, self.augment, self.length, self.seed = random_clips, augment, int(length), int(seed)
+        need = settings.min_clip_frames
+        self.records = [record for record in records if record.frames >= need]
+        self.skipped_clips = [record.id for record in records if record.frames < need]
+        if self.skipped_clips:
+            log.warning(
+                "%s: skipped %d of %d %s clips shorter than %d frames (n_sample_frames=%d, sample_rate=%d): %s",
+                self.root, len(self.skipped_clips), len(records), split, need, settings.n_sample_frames,
+                min(settings.sample_rates), ", ".join(self.skipped_clips[:8]) + (" ..." if len(self.skipped_clips) > 8 else ""),
+            )
+        if not self.records:
+            raise AniPortraitError(
+                f"{self.root}: none of the {len(records)} {split} clips has the {need} frames a sample needs "
+                f"(n_sample_frames={settings.n_sample_frames} x sample_rate={min(settings.sample_rates)}); "
+                "lower model.loader.n_sample_frames / sample_rate or use longer clips"
+            )
+        self._cache_size = cache_clips
+        self._landmarks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._readers: OrderedDict[int, Any] = OrderedDict()  # decord readers, one LRU per worker process
+
+    def __len__(self) -> int:
+        return self.length if self.random_clips else len(self.records)
+
+    # -- clip access (cached per worker) -------------------------------------------------------------------
+
+    def _cached(self, cache: OrderedDict, index: int, load) -> Any:
+        if index in cache:
+            cache.move_to_end(index)
+            return cache[index]
+        cache[index] = value = load()
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return value
+
+    def landmarks(self, clip_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The clip's normalised landmarks (T, 478, 3) and valid flags (T,); only these arrays are read."""
+        record = self.records[clip_index]
+
+        def load() -> tuple[np.ndarray, np.ndarray]:
+            path = self.root / record.landmarks
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    lmks, valid = data["lmks"], data["valid"]
+            except (OSError, KeyError, ValueError, EOFError) as error:
+                raise AniPortraitError(f"clip {record.id}: cannot read lmks/valid from {path} ({error})") from error
+            if lmks.ndim != 3 or lmks.shape[1:] != (478, 3) or len(lmks) != record.frames or valid.shape != (record.frames,):
+                raise AniPortraitError(
+                    f"clip {record.id}: {path} has lmks {lmks.shape} and valid {valid.shape}; the manifest says "
+                    f"{record.frames} frames, so expected ({record.frames}, 478, 3) and ({record.frames},)"
+                )
+            return lmks, valid.astype(bool)
+
+        return self._cached(self._landmarks, clip_index, load)
+
+    def read_frames(self, clip_index: int, indices: np.ndarray) -> np.ndarray:
+        """RGB uint8 frames (n, h, w, 3) of the clip; one decode pass over the sorted unique indices."""
+        import decord
+
+        record = self.records[clip_index]
+        path = self.root / record.video
+
+        def load():
+            try:
+                return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+            except Exception as error:  # noqa: BLE001 - decord raises DECORDError and RuntimeError
+                raise AniPortraitError(f"clip {record.id}: cannot open {path} ({error}); the file is corrupt") from error
+
+        reader = self._cached(self._readers, clip_index, load)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        if unique[-1] >= len(reader):
+            raise AniPortraitError(f"clip {record.id}: {path} has {len(reader)} frames but the manifest says "
+                                   f"{record.frames}; re-run the preparation for this clip")
+        try:
+            frames = reader.get_batch(unique.tolist()).asnumpy()
+        except Exception as error:  # noqa: BLE001
+            raise AniPortraitError(f"clip {record.id}: cannot decode {path} ({error}); the file is corrupt") from error
+        return frames[inverse]
+
+    # -- sampling ------------------------------------------------------------------------------------------
+
+    def _draw(self, index: int) -> _Draw:
+        rng = np.random.default_rng((self.seed, index))
+        clip_index = int(rng.integers(len(self.records))) if self.random_clips else index % len(self.records)
+        record = self.records[clip_index]
+        _, valid = self.landmarks(clip_index)
+        with_face = np.flatnonzero(valid) if valid.any() else np.arange(record.frames)
+        settings = self.settings
+        rates = [rate for rate in settings.sample_rates if (settings.n_sample_frames - 1) * rate < record.frames]
+        rate = rates[int(rng.integers(len(rates)))]
+        if settings.n_sample_frames == 1:
+            frame_indices = np.array([with_face[int(rng.integers(len(with_face)))]])
+        else:
+            span = (settings.n_sample_frames - 1) * rate + 1
+            start = int(rng.integers(record.frames - span + 1))
+            frame_indices = start + rate * np.arange(settings.n_sample_frames)
+        reference_frame = int(with_face[int(rng.integers(len(with_face)))])
+        crop_draw, flip_draw = rng.random(3), rng.random()  # drawn even when unused: the other draws stay put
+        crops = self.augment and settings.crop_scale != (1.0, 1.0)
+        flip = self.augment and flip_draw < settings.horizontal_flip
+        return _Draw(clip_index, frame_indices.astype(np.int64), reference_frame, crop_draw if crops else None, flip)
+
+    def _largest_crop(self, source_height: int, source_width: int) -> tuple[float, float]:
+        """(height, width) of the largest crop with the output's aspect ratio."""
+        aspect = self.settings.width / self.settings.height
+        width = min(float(source_width), source_height * aspect)
+        return width / aspect, width
+
+    def _crop_box(self, source_height: int, source_width: int, draw: np.ndarray) -> tuple[int, int, int, int]:
+        """(y0, x0, height, width) of a random crop: ``crop_scale`` times the largest, anywhere in the frame."""
+        low, high = self.settings.crop_scale
+        full_height, full_width = self._largest_crop(source_height, source_width)
+        scale = low + (high - low) * draw[0]
+        height, width = max(1, round(full_height * scale)), max(1, round(full_width * scale))
+        y0 = int(draw[1] * (source_height - height + 1))
+        x0 = int(draw[2] * (source_width - width + 1))
+        return y0, x0, height, width
+
+    def _centre_box(self, source_height: int, source_width: int) -> tuple[int, int, int, int]:
+        full_height, full_width = self._largest_crop(source_height, source_width)
+        height, width = round(full_height), round(full_width)
+        return (source_height - height) // 2, (source_width - width) // 2, height, width
+
+    def _images(self, frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+        """Crop (n, h, w, 3) frames to ``box`` and resize them to the output size."""
+        y0, x0, height, width = box
+        size = (self.settings.width, self.settings.height)
+        crops = frames[:, y0 : y0 + height, x0 : x0 + width]
+        if crops.shape[1:3] == (self.settings.height, self.settings.width):
+            return np.ascontiguousarray(crops)
+        shrink = height > self.settings.height
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        return np.stack([cv2.resize(crop, size, interpolation=interpolation) for crop in crops])
+
+    def _poses(self, lmks: np.ndarray, box: tuple[int, int, int, int], source_size: tuple[int, int]) -> np.ndarray:
+        """Pose images (n, H, W, 3) uint8 of normalised landmarks (n, 478, 3), seen through the crop ``box``."""
+        y0, x0, height, width = box
+        source_height, source_width = source_size
+        xy = lmks[..., :2].astype(np.float64) * np.array([source_width, source_height])
+        xy = (xy - np.array([x0, y0])) / np.array([width, height])  # normalised to the crop
+        size = (self.settings.height, self.settings.width)
+        return np.stack([draw_landmarks(points, image_size=size, normalized=True) for points in xy])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        draw = self._draw(int(index))
+        lmks, _ = self.landmarks(draw.clip_index)
+        indices = np.concatenate([draw.frame_indices, [draw.reference_frame]])
+        frames = self.read_frames(draw.clip_index, indices)  # (f + 1, h, w, 3)
+        source_size = frames.shape[1:3]
+        box = self._centre_box(*source_size) if draw.crop_draw is None else self._crop_box(*source_size, draw.crop_draw)
+        images = self._images(frames, box)  # (f + 1, H, W, 3)
+        poses = self._poses(lmks[indices], box, source_size)
+        if draw.flip:
+            images, poses = images[:, :, ::-1], poses[:, :, ::-1]
+        reference = np.ascontiguousarray(images[-1])
+        clip_image = self.clip_image_processor(images=reference, return_tensors="pt").pixel_values[0]
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        pose_images = scale_pose_images(torch.from_numpy(np.ascontiguousarray(poses)).permute(0, 3, 1, 2),
+                                        self.settings.pose_scaling)  # (f + 1, 3, H, W)
+        return {
+            "pixel_values": pixels[:-1],
+            "pose_images": pose_images[:-1],
+            "reference_image": pixels[-1],
+            "reference_pose": pose_images[-1],
+            "clip_image": clip_image,
+            "sample_index": torch.tensor(int(index), dtype=torch.long),
+            "clip_index": torch.tensor(draw.clip_index, dtype=torch.long),
+            "frame_indices": torch.from_numpy(draw.frame_indices),
+            "reference_frame": torch.tensor(draw.reference_frame, dtype=torch.long),
+        }
+
+    def preview(self, index: int, num_frames: int) -> dict[str, Any]:
+        """Material for a sample video of clip ``index % clips``, uncropped and unscaled (uint8 images):
+        ``reference_image``/``reference_pose`` (H, W, 3) from the clip's first frame with a face, ``pose_images``
+        and ground-truth ``frames`` (n, H, W, 3) for up to ``num_frames`` consecutive frames at the smallest
+        stride, ``fps`` (of those frames) and ``clip_id``."""
+        clip_index = index % len(self.records)
+        record = self.records[clip_index]
+        lmks, valid = self.landmarks(clip_index)
+        rate = min(self.settings.sample_rates)
+        frame_indices = np.arange(0, record.frames, rate)[:num_frames]
+        reference_frame = int(np.flatnonzero(valid)[0]) if valid.any() else 0
+        indices = np.concatenate([frame_indices, [reference_frame]])
+        frames = self.read_frames(clip_index, indices)
+        box = self._centre_box(*frames.shape[1:3])
+        images = self._images(frames, box)
+        poses = self._poses(lmks[indices], box, frames.shape[1:3])
+        return {"reference_image": images[-1], "reference_pose": poses[-1], "pose_images": poses[:-1],
+                "frames": images[:-1], "fps": float(record.fps) / rate, "clip_id": record.id}
+
+
+class ResumableBatchLoader:
+    """Training batches of numbered samples that a resumed run continues where its checkpoint left off.
+
+    Batch ``b`` of epoch ``e`` on rank ``r`` of ``w`` holds the samples ``((e * B + b) * w + r) * n + j``
+    (``B`` batches per epoch, ``n`` per batch); the dataset turns a number into a sample deterministically, so
+    ranks never overlap and the order depends neither on workers nor on restarts. Lightning stores
+    ``state_dict()`` in checkpoints (stateful loaders) and calls ``load_state_dict`` when it resumes.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, samples_per_epoch: int, num_workers: int = 0,
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.batches_per_epoch = int(samples_per_epoch) // (self.batch_size * self.world_size)
+        if self.batches_per_epoch < 1:
+            raise AniPortraitError(
+                f"samples_per_epoch={samples_per_epoch} is smaller than one batch on every process "
+                f"({self.batch_size} x {self.world_size}); raise model.loader.samples_per_epoch"
+            )
+        self.epoch, self.next_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def sample_numbers(self, epoch: int, batch: int) -> list[int]:
+        first = ((epoch * self.batches_per_epoch + batch) * self.world_size + self.rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, first_batch = self.epoch, self.next_batch
+        batches = [self.sample_numbers(epoch, batch) for batch in range(first_batch, self.batches_per_epoch)]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
+        for batch in loader:
+            self.next_batch += 1  # counted when handed out: a checkpoint taken after this step resumes after it
+            yield batch
+        self.epoch, self.next_batch = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "next_batch": self.next_batch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+
+
+class VideoFrameDataModule(pl.LightningDataModule):
+    """Stage-B data of a clip dataset: random training samples and a fixed validation set.
+
+    ``source`` is a ``data`` config object (``resolve()`` -> dataset root; runs once, on global rank 0, in
+    ``prepare_data``). ``sample_rate`` is a stride or a list of strides, one drawn per sample.
+    ``clip_image_processor``: CLIPImageProcessor settings matching the backbone's image encoder
+    (``{}``: CLIP's 224 px defaults, as official). ``pin_memory``: None pins when CUDA is available.
+    """
+
+    def __init__(self, source, n_sample_frames: int = 1, sample_rate: int | Sequence[int] = 1, width: int = 512,
+                 height: int = 512, pose_scaling: str = "unit", clip_image_processor: Mapping[str, Any] | None = None,
+                 crop_scale: Sequence[float] = (1.0, 1.0), horizontal_flip: float = 0.0, batch_size: int = 2,
+                 eval_batch_size: int = 2, num_workers: int = 4, pin_memory: bool | None = None,
+                 samples_per_epoch: int = 100_000, seed: int = 0):
+        super().__init__()
+        self.source = source
+        rates = [sample_rate] if isinstance(sample_rate, int) else list(sample_rate)
+        self.frame_settings = FrameSettings(
+            n_sample_frames=int(n_sample_frames), sample_rates=tuple(int(rate) for rate in rates), width=int(width),
+            height=int(height), pose_scaling=pose_scaling, crop_scale=tuple(float(v) for v in crop_scale),
+            horizontal_flip=float(horizontal_flip),
+        )
+        self.clip_image_processor = CLIPImageProcessor(**dict(clip_image_processor or {}))
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.samples_per_epoch, self.seed = int(samples_per_epoch), int(seed)
+        self.root: Path | None = None
+        self.fps: float | None = None
+        self.datasets: dict[str, VideoFrameDataset] = {}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What a model trained on this data must know at inference (stored in its bundle)."""
+        frames = self.frame_settings
+        return {"fps": self.fps, "width": frames.width, "height": frames.height,
+                "n_sample_frames": frames.n_sample_frames, "sample_rate": list(frames.sample_rates),
+                "pose_scaling": frames.pose_scaling, "clip_image_size": self.clip_image_processor.crop_size["height"]}
+
+    def prepare_data(self) -> None:
+        self.source.resolve()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.root = self.source.resolve()
+        manifest = Manifest.load(self.root)
+        for split in ("train", "val", "test"):
+            records = manifest.split(split)
+            if not records:
+                continue
+            training = split == "train"
+            self.datasets[split] = VideoFrameDataset(
+                self.root, records, self.frame_settings, self.clip_image_processor, split=split,
+                random_clips=training, augment=training, length=self.samples_per_epoch, seed=self.seed,
+            )
+        if "train" not in self.datasets:
+            raise AniPortraitError(f"{self.root}: the manifest has no train clips")
+        if "val" not in self.datasets:
+            log.warning("%s: no val clips; validating on the train clips", self.root)
+            self.datasets["val"] = VideoFrameDataset(
+                self.root, manifest.split("train"), self.frame_settings, self.clip_image_processor, split="train",
+                random_clips=False, augment=False, seed=self.seed)
+        fps_values, counts = np.unique([record.fps for record in self.datasets["train"].records], return_counts=True)
+        self.fps = float(fps_values[np.argmax(counts)])
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> ResumableBatchLoader:
+        rank, world_size = self._rank()
+        return ResumableBatchLoader(self.datasets["train"], self.batch_size, self.samples_per_epoch, self.num_workers,
+                                    self.pin_memory, rank, world_size)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.datasets:
+            raise AniPortraitError(f"{self.root}: the manifest has no test clips")
+        return self._eval_loader("test")
+
+    def preview_samples(self, count: int, num_frames: int) -> list[dict[str, Any]]:
+        """``count`` sample-video inputs from the validation clips (see :meth:`VideoFrameDataset.preview`)."""
+        dataset = self.datasets["val"]
+        return [dataset.preview(index, num_frames) for index in range(min(count, len(dataset.records)))]

@@ -1,0 +1,79 @@
+"""Shared test fixtures: the shared reference folder, a tiny synthetic dataset and a tiny stage-A bundle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ANIPORTRAIT_SHARED", REPO.parent / "shared"))
+
+# Tests run many tiny ops: intra-op threads only add synchronisation (and stall on a busy machine).
+torch.set_num_threads(1)
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test when that folder is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not available (set ANIPORTRAIT_SHARED to the shared reference folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """3 identities x 3 clips x 1.5 s at 64x64 (train/val/test), generated once per session."""
+    from aniportrait.data.sources import SyntheticSource
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return SyntheticSource(root=str(root), identities=3, clips_per_identity=3, clip_seconds=1.5, size=64,
+                           progress=False).resolve()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_dataset) -> Path:
+    """A stage-A bundle trained for a few steps on the tiny dataset (in-process, no Hydra)."""
+    import pytorch_lightning as pl
+
+    from aniportrait.data.audio_windows import AudioLandmarkDataModule
+    from aniportrait.data.sources import ClipSource
+    from aniportrait.training.audio import AudioLandmarkModule
+
+    pl.seed_everything(0)
+    module = AudioLandmarkModule(**tiny_module_kwargs())
+    datamodule = AudioLandmarkDataModule(ClipSource(str(tiny_dataset)), window_frames=30, eval_window_frames=45,
+                                         batch_size=4, samples_per_epoch=400)
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         val_check_interval=8)
+    trainer.fit(module, datamodule=datamodule)
+    return module.export(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+def tiny_module_kwargs(**overrides) -> dict:
+    """AudioLandmarkModule arguments of the tiny backbone (conf/backbone/tiny.yaml)."""
+    from omegaconf import OmegaConf
+
+    audio = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "backbone" / "tiny.yaml").audio)
+    kwargs = {
+        "backbone": audio,
+        "audio2mesh": {"latent_dim": audio["latent_dim"]},
+        "audio2pose": {"latent_dim": audio["pose_latent_dim"]},
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+        "train_feature_encoder": True,
+        "inference": {"pose_chunk_frames": 30, "pose_context_frames": 5},
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run one of train.py / infer.py / evaluate.py as a user would; returns the CompletedProcess."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
