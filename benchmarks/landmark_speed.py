@@ -98,6 +98,7 @@ def main() -> None:
         "pinning": pinning,
         "mediapipe": mediapipe.__version__,
         "model": model.name,
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine slows the runs
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

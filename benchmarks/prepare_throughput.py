@@ -71,6 +71,7 @@ def main() -> None:
         "runs": runs,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine slows the runs
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -77,3 +77,13 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None =
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=environment,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip where there is no CUDA device (CI)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -232,27 +232,43 @@ class AudioLandmarkDataModule(pl.LightningDataModule):
             )
         if "train" not in self.datasets:
             raise AniPortraitError(f"{self.root}: the manifest has no train clips with audio")
+        if "val" not in self.datasets:
+            log.warning("%s has no val clips: validating on windows covering the train clips", self.root)
+            self.datasets["val"] = AudioWindowDataset(
+                self.root, self.datasets["train"].records, self.fps, self.eval_window_frames, self.identities,
+                self.mesh_reference, random_windows=False, seed=self.seed,
+            )
 
-    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler=None, drop_last: bool = True) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          drop_last=sampler is not None)
+                          drop_last=drop_last and sampler is not None)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
         # Index i always gives the same random window, so reading indices in order is already a random
         # stream. Starting at the samples already consumed makes a resumed run see exactly the batches an
-        # uninterrupted one would; under DDP, Lightning shards this order so the global batch is unchanged.
+        # uninterrupted one would. Each process takes every world_size-th index, so the union of the local
+        # batches is the batch one process would read with world_size times the batch size (the trainer
+        # configs set use_distributed_sampler: false; this sampler does the sharding).
+        rank, world = self._rank()
         consumed = 0
-        trainer = self.trainer
-        if trainer is not None:
-            consumed = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * trainer.world_size
-        return self._loader("train", self.batch_size, sampler=range(consumed, len(self.datasets["train"])))
+        if self.trainer is not None:
+            consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches * self.batch_size * world
+        indices = range(consumed + rank, len(self.datasets["train"]), world)
+        return self._loader("train", self.batch_size, sampler=indices)
 
     def val_dataloader(self) -> DataLoader:
-        split = "val" if "val" in self.datasets else "train"
-        return self._loader(split, self.eval_batch_size)
+        rank, world = self._rank()
+        return self._loader("val", self.eval_batch_size, sampler=range(rank, len(self.datasets["val"]), world),
+                            drop_last=False)
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.datasets:
             raise AniPortraitError(f"{self.root}: the manifest has no test clips")
-        return self._loader("test", self.eval_batch_size)
+        rank, world = self._rank()
+        return self._loader("test", self.eval_batch_size, sampler=range(rank, len(self.datasets["test"]), world),
+                            drop_last=False)

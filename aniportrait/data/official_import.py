@@ -83,7 +83,7 @@ def _frame_key(path: Path, suffix: str) -> str:
 def _square_crop(lmks: np.ndarray, valid: np.ndarray, height: int, width: int) -> tuple[int, int, int]:
     """(left, top, side): the largest square, centred on the median face centre, inside the frame."""
     side = min(height, width)
-    centre = np.median(lmks[valid, :, :2].mean(axis=1), axis=0) * [width, height] if valid.any() else [width / 2, height / 2]
+    centre = np.median(lmks[valid, :, :2].mean(axis=1), axis=0) * [width, height]
     left = int(np.clip(round(centre[0] - side / 2), 0, width - side))
     top = int(np.clip(round(centre[1] - side / 2), 0, height - side))
     return left, top, side
@@ -103,35 +103,13 @@ def _find_audio(audio_dir: Path | None, video_name: str) -> Path | None:
     return None
 
 
-def _import_clip(
-    video_name: str, clip_index: int, clip: dict, base: Path, config: ImportConfig, converter: MetricConverter, root: Path
-) -> dict:
-    clip_id = f"{video_name}_{clip_index:03d}"
-    finished = clip_dir(root, clip_id) / CLIP_INFO
-    if finished.is_file():
-        return json.loads(finished.read_text())
-    frame_paths = [_resolve(p, base) for p in clip.get("frame_path_list", [])]
-    lmks_paths = {_frame_key(p, "_lmks.npy"): p for p in (_resolve(q, base) for q in clip.get("lmks_list", []))}
-    entry = {"id": clip_id, "source": video_name, "status": "rejected", "reason": None, "start_s": 0.0,
-             "end_s": len(frame_paths) / config.fps, "frames": len(frame_paths), "warnings": []}
-    missing = [p for p in frame_paths if not p.is_file()]
-    if not frame_paths or missing:
-        entry["reason"] = f"unreadable: {len(missing)} of {len(frame_paths)} frame files missing (e.g. {missing[0] if missing else '-'})"
-        return entry
+class _Unusable(Exception):
+    """A clip of the JSON cannot be imported; the message is the QC reason."""
 
-    frames = []
-    for path in frame_paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            entry["reason"] = f"unreadable: cannot read frame {path}"
-            return entry
-        frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    height, width = frames[0].shape[:2]
-    if any(frame.shape[:2] != (height, width) for frame in frames):
-        entry["reason"] = "unreadable: the frames differ in size"
-        return entry
 
-    count = len(frames)
+def _read_landmarks(frame_paths: list[Path], lmks_paths: dict[str, Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Per-frame landmarks and blendshapes, paired by frame name: (lmks, blendshapes, valid, bs_missing)."""
+    count = len(frame_paths)
     lmks = np.zeros((count, 478, 3), dtype=np.float32)
     blendshapes = np.zeros((count, 52), dtype=np.float32)
     valid = np.zeros(count, dtype=bool)
@@ -142,17 +120,57 @@ def _import_clip(
             continue
         values = np.load(lmks_path).astype(np.float32)
         if values.shape != (478, 3):
-            entry["reason"] = f"unreadable: {lmks_path} has shape {values.shape}, expected (478, 3)"
-            return entry
+            raise _Unusable(f"unreadable: {lmks_path} has shape {values.shape}, expected (478, 3)")
         lmks[index], valid[index] = values, True
         bs_path = lmks_path.with_name(lmks_path.name.replace("_lmks.npy", "_bs.npy"))
         if bs_path.is_file():
             scores = np.load(bs_path).astype(np.float32).reshape(-1)
-            blendshapes[index, 52 - len(scores):] = scores  # the official files drop _neutral (index 0)
+            blendshapes[index, 52 - len(scores) :] = scores  # the official files drop _neutral (index 0)
         else:
             blendshapes_missing = True
     if not valid.any():
-        entry["reason"] = "no face: no frame has a _lmks.npy file"
+        raise _Unusable("no face: no frame has a _lmks.npy file")
+    return lmks, blendshapes, valid, blendshapes_missing
+
+
+def _clip_audio(config: ImportConfig, video_name: str, first_frame: Path, count: int) -> np.ndarray | None:
+    """The clip's audio from ``audio_dir``: from the first frame's number (if it is one) for ``count`` frames."""
+    audio_path = _find_audio(Path(config.audio_dir) if config.audio_dir else None, video_name)
+    if audio_path is None:
+        return None
+    start_frame = int(first_frame.stem) if first_frame.stem.isdigit() else 0
+    samples = load_audio(audio_path)
+    offset = int(round(start_frame / config.fps * SAMPLE_RATE))
+    audio = np.zeros(int(round(count / config.fps * SAMPLE_RATE)), dtype=np.float32)
+    piece = samples[offset : offset + len(audio)]
+    audio[: len(piece)] = piece
+    return audio
+
+
+def _import_clip(
+    video_name: str, clip_index: int, clip: dict, base: Path, config: ImportConfig, converter: MetricConverter, root: Path
+) -> dict:
+    """Write one clip of the JSON (frames streamed, one at a time) and return its QC entry."""
+    clip_id = f"{video_name}_{clip_index:03d}"
+    finished = clip_dir(root, clip_id) / CLIP_INFO
+    if finished.is_file():
+        return json.loads(finished.read_text())
+    frame_paths = [_resolve(p, base) for p in clip.get("frame_path_list", [])]
+    lmks_paths = {_frame_key(p, "_lmks.npy"): p for p in (_resolve(q, base) for q in clip.get("lmks_list", []))}
+    count = len(frame_paths)
+    entry = {"id": clip_id, "source": video_name, "status": "rejected", "reason": None, "start_s": 0.0,
+             "end_s": count / config.fps, "frames": count, "warnings": []}
+    try:
+        missing = [p for p in frame_paths if not p.is_file()]
+        if not frame_paths or missing:
+            raise _Unusable(f"unreadable: {len(missing)} of {count} frame files missing (e.g. {missing[0] if missing else '-'})")
+        first = cv2.imread(str(frame_paths[0]), cv2.IMREAD_COLOR)
+        if first is None:
+            raise _Unusable(f"unreadable: cannot read frame {frame_paths[0]}")
+        height, width = first.shape[:2]
+        lmks, blendshapes, valid, blendshapes_missing = _read_landmarks(frame_paths, lmks_paths)
+    except _Unusable as problem:
+        entry["reason"] = str(problem)
         return entry
 
     left, top, side = _square_crop(lmks, valid, height, width)
@@ -166,51 +184,44 @@ def _import_clip(
     for index in np.flatnonzero(valid):
         _, pose, mesh = converter.convert(lmks[index], (side, side))
         mesh3d[index], trans_mat[index] = mesh, pose
-    arrays = fill_invalid_frames(
-        {"lmks": lmks, "mesh3d": mesh3d, "trans_mat": trans_mat, "blendshapes": blendshapes}, valid
-    )
+    arrays = fill_invalid_frames({"lmks": lmks, "mesh3d": mesh3d, "trans_mat": trans_mat, "blendshapes": blendshapes}, valid)
     arrays["valid"] = valid
-
-    audio = None
-    audio_path = _find_audio(Path(config.audio_dir) if config.audio_dir else None, video_name)
-    if audio_path is not None:
-        first_frame = frame_paths[0].stem
-        start = int(first_frame) if first_frame.isdigit() else 0
-        samples = load_audio(audio_path)
-        offset = int(round(start / config.fps * SAMPLE_RATE))
-        length = int(round(count / config.fps * SAMPLE_RATE))
-        audio = np.zeros(length, dtype=np.float32)
-        piece = samples[offset : offset + length]
-        audio[: len(piece)] = piece
-    elif config.audio_dir:
+    audio = _clip_audio(config, video_name, frame_paths[0], count)
+    if audio is None and config.audio_dir:
         entry["warnings"].append(f"no audio file for {video_name} in {config.audio_dir}: video-only clip")
 
     relative = Path("clips") / clip_id
-    with atomic_dir(clip_dir(root, clip_id)) as folder:
-        with VideoWriter(folder / "video.mp4", config.fps, crf=config.crf, preset=config.preset) as writer:
-            writer.set_audio(audio)
-            for frame in frames:
-                square = frame[top : top + side, left : left + side]
-                interpolation = cv2.INTER_AREA if side > config.size else cv2.INTER_LINEAR
-                writer.write(cv2.resize(square, (config.size, config.size), interpolation=interpolation))
-        if audio is not None:
-            write_wav(folder / "audio.wav", audio)
-        save_landmarks(folder / "landmarks.npz", arrays)
-        entry.update(
-            status="kept",
-            detection_rate=round(float(valid.mean()), 4),
-            jitter_px=_rounded(landmark_jitter(arrays["lmks"], valid, config.size)),
-            face_size_px=None,
-            audio=audio_status(audio),
-        )
-        entry["record"] = {
-            "id": clip_id, "fps": config.fps, "frames": count, "width": config.size, "height": config.size,
-            "duration_s": round(count / config.fps, 6), "source": video_name,
-            "video": str(relative / "video.mp4"), "landmarks": str(relative / "landmarks.npz"),
-            "audio": None if audio is None else str(relative / "audio.wav"),
-            "detection_rate": entry["detection_rate"], "blendshapes_missing": blendshapes_missing,
-        }
-        (folder / CLIP_INFO).write_text(json.dumps(entry, indent=1))
+    interpolation = cv2.INTER_AREA if side > config.size else cv2.INTER_LINEAR
+    try:
+        with atomic_dir(clip_dir(root, clip_id)) as folder:
+            with VideoWriter(folder / "video.mp4", config.fps, crf=config.crf, preset=config.preset) as writer:
+                writer.set_audio(audio)
+                for path in frame_paths:
+                    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                    if image is None or image.shape[:2] != (height, width):
+                        raise _Unusable(f"unreadable: frame {path} is unreadable or not {width}x{height} like the first")
+                    square = cv2.cvtColor(image[top : top + side, left : left + side], cv2.COLOR_BGR2RGB)
+                    writer.write(cv2.resize(square, (config.size, config.size), interpolation=interpolation))
+            if audio is not None:
+                write_wav(folder / "audio.wav", audio)
+            save_landmarks(folder / "landmarks.npz", arrays)
+            entry.update(
+                status="kept",
+                detection_rate=round(float(valid.mean()), 4),
+                jitter_px=_rounded(landmark_jitter(arrays["lmks"], valid, config.size)),
+                face_size_px=None,
+                audio=audio_status(audio),
+            )
+            entry["record"] = {
+                "id": clip_id, "fps": config.fps, "frames": count, "width": config.size, "height": config.size,
+                "duration_s": round(count / config.fps, 6), "source": video_name,
+                "video": str(relative / "video.mp4"), "landmarks": str(relative / "landmarks.npz"),
+                "audio": None if audio is None else str(relative / "audio.wav"),
+                "detection_rate": entry["detection_rate"], "blendshapes_missing": blendshapes_missing,
+            }
+            (folder / CLIP_INFO).write_text(json.dumps(entry, indent=1))
+    except _Unusable as problem:
+        entry.update(status="rejected", reason=str(problem))
     return entry
 
 

@@ -6,13 +6,17 @@ own datamodules (frames for the video stage, audio windows for the landmark stag
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 from aniportrait.data.clip import Manifest
 from aniportrait.errors import AniPortraitError
 
 __all__ = ["ClipSource", "SyntheticSource"]
+
+log = logging.getLogger(__name__)
 
 
 class ClipSource:
@@ -46,7 +50,12 @@ class SyntheticSource:
         self.spec = SyntheticSpec(**spec)
 
     def resolve(self) -> Path:
-        from aniportrait.data.synthetic import ensure_synthetic_dataset
+        from aniportrait.data.synthetic import dataset_dir, ensure_synthetic_dataset
 
         root = Path(os.path.expanduser(str(self.root)))
-        return ensure_synthetic_dataset(root, self.spec, workers=self.workers, progress=self.progress)
+        existed = (dataset_dir(root, self.spec) / "manifest.jsonl").is_file()
+        started = time.perf_counter()
+        path = ensure_synthetic_dataset(root, self.spec, workers=self.workers, progress=self.progress)
+        if not existed:
+            log.info("synthetic dataset generated in %.1f s: %s", time.perf_counter() - started, path)
+        return path

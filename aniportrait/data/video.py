@@ -54,12 +54,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             else:
                 duration = 0.0
             frames = video.frames or int(round(duration * fps))
-            rotation = 0
-            try:
-                rotation = int(getattr(video, "display_rotation", 0) or 0)
-            except (TypeError, ValueError):
-                rotation = 0
-            rotation = (-rotation) % 360  # FFmpeg reports counter-clockwise display rotation
+            rotation = _display_rotation(container, video)
             variable = abs(float(base_rate) - fps) > 0.01 * fps
             return VideoInfo(path, fps, int(frames), video.codec_context.width, video.codec_context.height,
                              duration, has_audio, rotation, variable)
@@ -67,6 +62,18 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         raise
     except Exception as error:  # noqa: BLE001 - FFmpeg raises many types for broken files
         raise AniPortraitError(f"cannot read video {path} ({error}); the file is corrupt or not a video") from error
+
+
+def _display_rotation(container, stream) -> int:
+    """Clockwise degrees to show the video upright (phone videos): the first frame's display matrix."""
+    try:
+        frame = next(container.decode(stream))
+        rotation = int(round(getattr(frame, "rotation", 0) or 0))
+    except (StopIteration, ValueError, OSError):
+        return 0
+    finally:
+        container.seek(0)
+    return (-rotation) % 360  # FFmpeg reports the counter-clockwise angle
 
 
 def read_video(

@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPImageProcessor
 
@@ -369,7 +370,10 @@ class VideoFrameDataModule(pl.LightningDataModule):
             height=int(height), pose_scaling=pose_scaling, crop_scale=tuple(float(v) for v in crop_scale),
             horizontal_flip=float(horizontal_flip),
         )
-        self.clip_image_processor = CLIPImageProcessor(**dict(clip_image_processor or {}))
+        processor = clip_image_processor or {}
+        if isinstance(processor, DictConfig):
+            processor = OmegaConf.to_container(processor, resolve=True)
+        self.clip_image_processor = CLIPImageProcessor(**processor)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
@@ -396,9 +400,13 @@ class VideoFrameDataModule(pl.LightningDataModule):
         manifest = Manifest.load(self.root)
         for split in ("train", "val", "test"):
             records = manifest.split(split)
+            training = split == "train"
+            if not training and records and max(record.frames for record in records) < self.frame_settings.min_clip_frames:
+                log.warning("%s: all %d %s clips are shorter than %d frames; the split is left out", self.root,
+                            len(records), split, self.frame_settings.min_clip_frames)
+                continue
             if not records:
                 continue
-            training = split == "train"
             self.datasets[split] = VideoFrameDataset(
                 self.root, records, self.frame_settings, self.clip_image_processor, split=split,
                 random_clips=training, augment=training, length=self.samples_per_epoch, seed=self.seed,

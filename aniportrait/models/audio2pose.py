@@ -91,6 +91,7 @@ class Audio2Pose(ModelMixin, ConfigMixin):
         num_identities: int = 100,
         max_frames: int = 600,
         only_last_features: bool = True,
+        dropout: float = 0.1,
     ):
         super().__init__()
         config = Wav2Vec2Config(**(wav2vec2_config or {}))
@@ -100,7 +101,8 @@ class Audio2Pose(ModelMixin, ConfigMixin):
         self.in_fn = nn.Linear(config.hidden_size, latent_dim)
         self.PPE = SinusoidalPositions(latent_dim, max_len=max_frames)
         layer = nn.TransformerDecoderLayer(
-            d_model=latent_dim, nhead=num_heads, dim_feedforward=feedforward_dim or 2 * latent_dim, batch_first=True
+            d_model=latent_dim, nhead=num_heads, dim_feedforward=feedforward_dim or 2 * latent_dim, dropout=dropout,
+            batch_first=True,
         )
         self.transformer_decoder = nn.TransformerDecoder(layer, num_layers=num_layers)
         self.pose_map_r = nn.Linear(latent_dim, out_dim)

@@ -216,7 +216,9 @@ class Pose2VideoPipeline:
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Pose2VideoPipeline:
         for module in (self.vae, self.image_encoder, self.reference_unet, self.denoising_unet, self.pose_guider):
-            module.to(device=device, dtype=dtype)
+            module.to(device=device)
+            if dtype is not None and _module_dtype(module) != dtype:
+                module.to(dtype=dtype)
         return self
 
     @property

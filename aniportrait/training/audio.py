@@ -40,11 +40,6 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
 class AudioLandmarkModule(pl.LightningModule):
     def __init__(
         self,
@@ -121,6 +116,15 @@ class AudioLandmarkModule(pl.LightningModule):
                 log.info("%s audio encoder initialised from %s", name, pretrained)
 
     # ------------------------------------------------------------------ losses
+    def _masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over the masked frames of the GLOBAL batch: under DDP the count is summed over processes,
+        so padded windows weigh the same as in one process with the whole batch."""
+        mask = mask.to(values.dtype)
+        count = mask.sum()
+        if self.training and self._trainer is not None and self.trainer.world_size > 1:
+            count = self.all_gather(count.detach()).sum() / self.trainer.world_size
+        return (values * mask).sum() / count.clamp(min=1.0)
+
     def _mesh_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mesh, reference = batch["mesh"], batch["reference_mesh"]
         frames = mesh.shape[1]
@@ -130,9 +134,9 @@ class AudioLandmarkModule(pl.LightningModule):
         weights = self.vertex_weights
         per_frame = ((pred - target).abs() * weights).sum(-1) / weights.sum()
         mask = batch["frame_mask"]
-        l1 = _masked_mean(per_frame, mask)
+        l1 = self._masked_mean(per_frame, mask)
         velocity = ((pred[:, 1:] - pred[:, :-1]) - (target[:, 1:] - target[:, :-1])).abs()
-        velocity = _masked_mean((velocity * weights).sum(-1) / weights.sum(), mask[:, 1:] & mask[:, :-1])
+        velocity = self._masked_mean((velocity * weights).sum(-1) / weights.sum(), mask[:, 1:] & mask[:, :-1])
         return l1, velocity, pred
 
     def _pose_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,9 +145,9 @@ class AudioLandmarkModule(pl.LightningModule):
         pred = self.audio2pose(batch["audio"], poses, batch["identity"], frame_mask=audio_mask)  # (B, W, 6)
         component = pred.new_tensor(self.hparams.loss.get("pose_component_weights", [1.0] * 6))
         mask = batch["frame_mask"]
-        l1 = _masked_mean(((pred - poses).abs() * component).mean(-1), mask)
+        l1 = self._masked_mean(((pred - poses).abs() * component).mean(-1), mask)
         velocity = ((pred[:, 1:] - pred[:, :-1]) - (poses[:, 1:] - poses[:, :-1])).abs() * component
-        velocity = _masked_mean(velocity.mean(-1), mask[:, 1:] & mask[:, :-1])
+        velocity = self._masked_mean(velocity.mean(-1), mask[:, 1:] & mask[:, :-1])
         return l1, velocity, pred
 
     def training_step(self, batch, batch_idx):
@@ -160,7 +164,8 @@ class AudioLandmarkModule(pl.LightningModule):
             pose_loss = l1 + loss_cfg.get("pose_velocity_weight", 1.0) * velocity
             total = total + loss_cfg.get("pose_weight", 1.0) * pose_loss
             self.log_dict({"train/pose_l1": l1, "train/pose_velocity": velocity}, batch_size=batch_size)
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        # sync_dist: under DDP the logged loss is the global-batch mean, comparable with one process
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size, sync_dist=True)
         return total
 
     # ------------------------------------------------------------------ validation

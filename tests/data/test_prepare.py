@@ -25,7 +25,7 @@ from aniportrait.data.prepare import (
     read_split_file,
 )
 from aniportrait.data.prepare.__main__ import main as prepare_main
-from aniportrait.data.prepare.clips import crop_square
+from aniportrait.data.prepare.clips import audio_level_dbfs, audio_status, crop_square
 from aniportrait.data.prepare.source import SourceVideo, audio_for_frames, output_timeline
 from aniportrait.data.prepare.track import FaceTrack, Segment, fit_crop, split_segments
 from aniportrait.errors import AniPortraitError
@@ -126,6 +126,16 @@ def test_crop_square_pads_outside_the_frame_with_black() -> None:
     crops = crop_square(frames, (-20, 10, 100, 130), size=64)  # 120 px square, 20 px past each side
     assert crops.shape == (2, 64, 64, 3)
     assert crops[0, 32, 2].max() == 0 and crops[0, 32, 32].min() == 200
+
+
+def test_audio_status_tells_quiet_speech_from_silence() -> None:
+    rng = np.random.default_rng(0)
+    quiet_speech = np.zeros(16000 * 4, dtype=np.float32)
+    quiet_speech[8000:12000] = 0.02 * rng.standard_normal(4000)  # one short quiet word in 4 s of pause
+    assert audio_level_dbfs(quiet_speech) < -40 and audio_status(quiet_speech) == "present"
+    assert audio_status(np.zeros(16000, dtype=np.float32)) == "silent"
+    assert audio_status(np.full(16000, 1e-4, dtype=np.float32)) == "silent"  # codec noise floor
+    assert audio_status(None) == "none" and audio_level_dbfs(np.zeros(10, dtype=np.float32)) == -120.0
 
 
 def test_segments_cut_at_face_loss_scene_cuts_and_length() -> None:
@@ -381,6 +391,22 @@ def test_interrupted_run_resumes(prepared: tuple[Path, PrepareConfig], tmp_path:
     assert (copy / "clips" / "sadtalker_WDA_KatieHill_000_000" / "clip.json").is_file()
     assert kept_clip.stat().st_mtime_ns == kept_stamp
     assert [r.id for r in Manifest.load(copy)] == [r.id for r in Manifest.load(root)]
+
+
+@needs_shared
+def test_overwrite_redoes_everything_with_new_settings(prepared: tuple[Path, PrepareConfig], tmp_path: Path) -> None:
+    from aniportrait.data.video import probe_video
+
+    root, settings = prepared
+    copy = tmp_path / "dataset"
+    shutil.copytree(root, copy)
+    (copy / "clips" / "stale_clip").mkdir()
+    result = prepare_dataset(config(input=settings.input, output=str(copy), size=128, max_source_seconds=1.5,
+                                    min_clip_seconds=1.0, overwrite=True))
+    assert result.clips_kept == 2 and result.sources_skipped == 0
+    assert not (copy / "clips" / "stale_clip").exists()
+    for record in Manifest.load(copy):
+        assert probe_video(record.path(copy, "video")).width == 128 and record.frames == 37
 
 
 @needs_shared

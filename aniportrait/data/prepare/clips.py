@@ -19,10 +19,11 @@ from aniportrait.data.video import VideoWriter
 from aniportrait.face.landmarks import FaceLandmarker, LandmarkSequence
 from aniportrait.utils.atomic import atomic_dir
 
-__all__ = ["crop_square", "write_clip", "landmark_jitter", "audio_status", "CLIP_INFO", "ClipRejected"]
+__all__ = ["crop_square", "write_clip", "landmark_jitter", "audio_status", "audio_level_dbfs", "CLIP_INFO", "ClipRejected"]
 
 CLIP_INFO = "clip.json"  # the clip's manifest record and QC entry; its presence marks a finished clip
-_SILENCE_RMS = 10 ** (-60 / 20)  # below -60 dBFS a track counts as silent (still valid audio)
+_SILENCE_DBFS = -50.0  # a clip whose loudest 20 ms stay below this counts as silent (still valid audio)
+_WINDOW = 320  # 20 ms at 16 kHz
 
 
 class ClipRejected(Exception):
@@ -59,11 +60,23 @@ def landmark_jitter(lmks: np.ndarray, valid: np.ndarray, size: int) -> float | N
     return float(np.linalg.norm(second[triples], axis=-1).mean())
 
 
+def audio_level_dbfs(samples: np.ndarray) -> float:
+    """RMS level of the whole clip in dBFS, floored at -120 (digital silence)."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+    return float(20 * np.log10(max(rms, 1e-6)))
+
+
 def audio_status(samples: np.ndarray | None) -> str:
+    """``none`` (no track), ``silent`` (loudest 20 ms below -50 dBFS) or ``present``.
+
+    The loudest window, not the average, decides: quiet recordings with pauses have a low average level.
+    """
     if samples is None:
         return "none"
-    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
-    return "silent" if rms < _SILENCE_RMS else "present"
+    usable = len(samples) // _WINDOW * _WINDOW
+    windows = samples[:usable].reshape(-1, _WINDOW) if usable else samples.reshape(1, -1)
+    loudest = float(np.sqrt(np.max(np.mean(np.square(windows, dtype=np.float64), axis=1)))) if samples.size else 0.0
+    return "silent" if loudest <= 10 ** (_SILENCE_DBFS / 20) else "present"
 
 
 def _face_size_in_crop(lmks: np.ndarray, valid: np.ndarray, size: int) -> float:
@@ -103,6 +116,7 @@ def write_clip(
         "crop_box": list(segment.crop_box),
         "face_size_px": round(segment.face_size, 1),
         "audio": audio_status(clip_audio),
+        "audio_level_dbfs": None if clip_audio is None else round(audio_level_dbfs(clip_audio), 1),
         "warnings": list(segment.warnings),
     }
     with atomic_dir(clip_dir(root, clip_id)) as folder:

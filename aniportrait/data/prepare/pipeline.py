@@ -18,7 +18,7 @@ import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from aniportrait.audio.io import load_audio
@@ -289,6 +289,16 @@ def _check_state(root: Path, config: PrepareConfig, input_path: Path) -> None:
         tmp.write_text(json.dumps(wanted, indent=1))
 
 
+def _remove_prepared(root: Path, keep: Path) -> None:
+    """``overwrite=true``: delete the clips, the manifest, the report and the run state (but ``keep``)."""
+    for name in ("clips", "qc"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
+    for path in (root / STATE_DIR).iterdir():
+        if path != keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def _clean_partial(root: Path) -> None:
     """Remove temporary clip folders left by a killed run (atomic_dir names them ``.<id>.*.tmp``)."""
     clips = root / "clips"
@@ -322,13 +332,12 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     input_path = Path(config.input).expanduser()
     root = Path(config.output).expanduser()
     sources = find_sources(input_path, exclude=root.resolve())
-    config.landmarker_model = str(resolve_landmarker_model(config.landmarker_model))  # fail early, download once
-    if config.overwrite and root.exists():
-        for name in ("clips", STATE_DIR, "qc", MANIFEST_NAME):
-            target = root / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    # Resolve (and if need be download) the model once, here, rather than in every worker.
+    config = replace(config, landmarker_model=str(resolve_landmarker_model(config.landmarker_model)))
     root.mkdir(parents=True, exist_ok=True)
-    with _RunLock(root):
+    with _RunLock(root) as lock:
+        if config.overwrite:
+            _remove_prepared(root, keep=lock.path)
         _check_state(root, config, input_path)
         _clean_partial(root)
         results: dict[str, dict] = {}
@@ -343,9 +352,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         progress = tqdm(total=len(sources), initial=skipped, desc="prepare", unit="video", disable=not config.progress)
         try:
             if config.workers == 1 or len(pending) <= 1:
-                _init_worker()
-                outcomes = map(_process_task, pending)
-                for outcome in outcomes:
+                for outcome in map(_process_task, pending):
                     results[outcome["source"]["source"]] = outcome
                     progress.update()
             else:

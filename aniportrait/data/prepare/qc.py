@@ -58,11 +58,14 @@ def _clip_rows(clips: list[dict]) -> list[str]:
     ]
     for clip in sorted(clips, key=lambda c: c["id"]):
         notes = "; ".join(filter(None, [clip.get("reason"), *clip.get("warnings", [])]))
+        audio = clip.get("audio", "-")
+        if clip.get("audio_level_dbfs") is not None:
+            audio += f" ({clip['audio_level_dbfs']:.0f} dBFS)"
         rows.append(
             f"| {clip['id']} | {clip['status']} | {clip['start_s']:.1f}-{clip['end_s']:.1f} | "
             f"{_fmt(clip.get('detection_rate'), '.3f')} | {_fmt(clip.get('jitter_px'), '.2f')} | "
             f"{_fmt(clip.get('face_size_px'), '.0f')} ({_fmt(clip.get('face_size_crop_px'), '.0f')}) | "
-            f"{clip.get('audio', '-')} | {notes or '-'} |"
+            f"{audio} | {notes or '-'} |"
         )
     return rows
 

@@ -106,11 +106,11 @@ def track_faces(
                 break
             for offset, frame in enumerate(frames):
                 index = chunk_start + offset
-                histogram = _colour_histogram(frame)
+                small, scale, x_offset, y_offset = _analysis_frame(frame, roi, config.analysis_max_side)
+                histogram = _colour_histogram(small)
                 if previous_histogram is not None:
                     cut_scores[index] = cv2.compareHist(previous_histogram, histogram, cv2.HISTCMP_BHATTACHARYYA)
                 previous_histogram = histogram
-                small, scale, x_offset, y_offset = _analysis_frame(frame, roi, config.analysis_max_side)
                 face = landmarker.detect(small, round(index * 1000.0 / config.fps))
                 if face is not None:
                     x0, y0, x1, y1 = face.bbox(small.shape[:2])

@@ -1,0 +1,82 @@
+"""Stage-B loader throughput: training samples/s at 512x512 for a number of DataLoader workers (target: >= 50
+samples/s with 8 workers, stage-1 samples).
+
+The data are the shared real talking-head clips (512 px, H.264 / MPEG-4, with their reference landmarks) as a
+clip-format dataset, or any prepared dataset (``--data``). A sample is what training consumes: decoded target
+frame(s) and reference, pose images drawn from the landmarks, CLIP preprocessing, tensors; batches come from the
+training loader itself (``VideoFrameDataModule.train_dataloader``). The first batches (worker start-up) are not
+timed. Writes benchmarks/results/loader_speed.json.
+
+    python benchmarks/loader_speed.py --workers 0 4 8 [--frames 1] [--size 512] [--seconds 20]
+    python benchmarks/loader_speed.py --data /datasets/hdtf --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from video_bench_setup import SHARED_SAMPLES, sample_clip_root
+
+from aniportrait.data.sources import ClipSource
+from aniportrait.data.video_frames import VideoFrameDataModule
+
+RESULTS = Path(__file__).parent / "results" / "loader_speed.json"
+TARGET = 50.0
+
+
+def samples_per_second(root: Path, workers: int, args: argparse.Namespace) -> dict[str, float]:
+    data = VideoFrameDataModule(ClipSource(str(root)), n_sample_frames=args.frames, sample_rate=args.sample_rate,
+                                width=args.size, height=args.size, batch_size=args.batch_size, num_workers=workers,
+                                samples_per_epoch=10**7, crop_scale=args.crop_scale)
+    data.setup("fit")
+    batches = iter(data.train_dataloader())
+    for _ in range(max(2, 2 * workers // max(1, args.batch_size))):  # worker start-up and first decodes
+        next(batches)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        count += len(next(batches)["sample_index"])
+    elapsed = time.perf_counter() - start
+    return {"workers": workers, "samples": count, "seconds": round(elapsed, 2), "samples_per_s": round(count / elapsed, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[8], help="DataLoader worker counts to measure")
+    parser.add_argument("--frames", type=int, default=1, help="frames per sample: 1 = stage 1, 16 = stage 2")
+    parser.add_argument("--sample-rate", type=int, nargs="+", default=[1], help="frame stride(s) for --frames > 1")
+    parser.add_argument("--size", type=int, default=512, help="output width and height")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=[1.0, 1.0], help="random crop augmentation")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per worker count")
+    parser.add_argument("--samples", type=Path, default=SHARED_SAMPLES, help="a copy of shared/samples")
+    parser.add_argument("--data", type=Path, default=None, help="a prepared clip-format dataset instead of the samples")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = args.data or sample_clip_root(args.samples, folder)
+        runs = [samples_per_second(root, workers, args) for workers in args.workers]
+    result = {
+        "benchmark": f"stage-B training samples/s at {args.size}x{args.size}, {args.frames} frame(s) per sample",
+        "data": str(args.data) if args.data else "shared/samples videos (4 clips, 512 px) + reference landmarks",
+        "batch_size": args.batch_size,
+        "runs": runs,
+        "target_samples_per_s_with_8_workers": TARGET,
+        "meets_target": next((run["samples_per_s"] >= TARGET for run in runs if run["workers"] == 8), None),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

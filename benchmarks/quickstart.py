@@ -1,0 +1,50 @@
+"""Time the main job, `python train.py` (the quickstart), from an empty data folder, as a new user runs it.
+
+Writes benchmarks/results/quickstart.json: wall time (total and the synthetic-data generation part), the
+final validation metrics, and the machine. Usage: `python benchmarks/quickstart.py [extra overrides]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as work:
+        env = {**os.environ, "ANIPORTRAIT_DATA": f"{work}/data", "ANIPORTRAIT_LOGS": f"{work}/logs"}
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, str(REPO / "train.py"), *sys.argv[1:]], env=env, capture_output=True,
+                                text=True)
+        seconds = time.perf_counter() - started
+        if result.returncode != 0:
+            sys.exit(f"train.py failed:\n{result.stderr[-4000:]}")
+        metrics = {name: float(value) for name, value in re.findall(r"\| (val/\S+)\s*\| ([-\d.e]+) \|", result.stdout)}
+        log = next(Path(work, "logs").rglob("train.log")).read_text()
+        generation = re.findall(r"synthetic dataset generated in (\d+(?:\.\d+)?) s", log)
+    record = {
+        "command": "python train.py " + " ".join(sys.argv[1:]),
+        "wall_seconds": round(seconds, 1),
+        "synthetic_generation_seconds": float(generation[0]) if generation else None,
+        "metrics": metrics,
+        "last_line": result.stdout.strip().splitlines()[-1].split(":")[0],
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")},
+    }
+    out = REPO / "benchmarks" / "results" / "quickstart.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Stage-B samples: layout, determinism, strides, short clips, augmentation geometry, CLIP input, resumable order."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aniportrait.data.clip import ClipRecord, Manifest, load_landmarks, save_landmarks
+from aniportrait.data.sources import ClipSource, SyntheticSource
+from aniportrait.data.video import read_video, write_video
+from aniportrait.data.video_frames import ResumableBatchLoader, VideoFrameDataModule
+from aniportrait.errors import AniPortraitError
+from aniportrait.face.drawing import draw_landmarks
+from aniportrait.models.pose_image_scaling import scale_pose_images
+
+TINY_CLIP = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return SyntheticSource(root=str(tmp_path_factory.mktemp("synthetic")), identities=3, clips_per_identity=3,
+                           clip_seconds=1.5, size=64, progress=False).resolve()
+
+
+def datamodule(root: Path, **settings) -> VideoFrameDataModule:
+    settings = {"width": 64, "height": 64, "clip_image_processor": TINY_CLIP, "num_workers": 0, "batch_size": 2,
+                "samples_per_epoch": 16, **settings}
+    module = VideoFrameDataModule(ClipSource(str(root)), **settings)
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
+
+
+def test_stage1_sample_is_a_frame_its_pose_image_and_a_reference_of_the_same_clip(synthetic_root):
+    dataset = datamodule(synthetic_root).datasets["train"]
+    sample = dataset[5]
+    shapes = {key: tuple(value.shape) for key, value in sample.items()}
+    assert shapes["pixel_values"] == shapes["pose_images"] == (1, 3, 64, 64)
+    assert shapes["reference_image"] == shapes["reference_pose"] == (3, 64, 64)
+    assert shapes["clip_image"] == (3, 32, 32)
+    assert all(sample[key].dtype == torch.float32 for key in ("pixel_values", "pose_images", "reference_image"))
+    assert sample["pixel_values"].min() >= -1 and sample["pixel_values"].max() <= 1
+    assert sample["pose_images"].min() >= -1 and sample["pose_images"].max() <= 1  # "unit" scaling
+
+    record = dataset.records[int(sample["clip_index"])]
+    frame, reference = int(sample["frame_indices"][0]), int(sample["reference_frame"])
+    truth = read_video(synthetic_root / record.video, [frame, reference])
+    np.testing.assert_array_equal(to_uint8(sample["pixel_values"][0]), truth[0])
+    np.testing.assert_array_equal(to_uint8(sample["reference_image"]), truth[1])
+    lmks = load_landmarks(synthetic_root / record.landmarks)["lmks"]
+    expected_pose = scale_pose_images(torch.from_numpy(draw_landmarks(lmks[frame], (64, 64), normalized=True))
+                                      .permute(2, 0, 1), "unit")
+    torch.testing.assert_close(sample["pose_images"][0], expected_pose)
+
+    again, other = dataset[5], dataset[6]
+    assert all(torch.equal(sample[key], again[key]) for key in sample)
+    assert not torch.equal(sample["pixel_values"], other["pixel_values"])
+
+
+def test_clip_image_is_the_reference_through_the_clip_processor(synthetic_root):
+    module = datamodule(synthetic_root)
+    sample = module.datasets["train"][2]
+    expected = module.clip_image_processor(images=to_uint8(sample["reference_image"]), return_tensors="pt").pixel_values[0]
+    torch.testing.assert_close(sample["clip_image"], expected)
+    assert module.settings["clip_image_size"] == 32
+
+
+def test_stage2_frames_are_strided_runs_of_one_clip(synthetic_root):
+    dataset = datamodule(synthetic_root, n_sample_frames=8, sample_rate=[1, 4]).datasets["train"]
+    strides = set()
+    for index in range(24):
+        sample = dataset[index]
+        frames = sample["frame_indices"].numpy()
+        assert sample["pixel_values"].shape == (8, 3, 64, 64) and len(frames) == 8
+        steps = set(np.diff(frames).tolist())
+        assert len(steps) == 1
+        strides |= steps
+        record = dataset.records[int(sample["clip_index"])]
+        assert frames[-1] < record.frames and 0 <= int(sample["reference_frame"]) < record.frames
+    assert strides == {1, 4}
+
+
+def test_short_clips_are_skipped_with_a_count(synthetic_root, caplog):
+    manifest = Manifest.load(synthetic_root)
+    frames = sorted(record.frames for record in manifest.split("train"))
+    need = frames[len(frames) // 2]  # about half the train clips are too short
+    short = sum(count < need for count in frames)
+    assert 0 < short < len(frames)
+    with caplog.at_level(logging.WARNING, logger="aniportrait.data.video_frames"):
+        dataset = datamodule(synthetic_root, n_sample_frames=need).datasets["train"]
+    assert len(dataset.skipped_clips) == short and len(dataset.records) == len(frames) - short
+    assert f"skipped {short} of {len(frames)} train clips shorter than {need} frames" in caplog.text
+    assert all(dataset[index]["pixel_values"].shape[0] == need for index in range(3))
+    with pytest.raises(AniPortraitError, match=r"none of the \d+ train clips has the 1000 frames"):
+        datamodule(synthetic_root, n_sample_frames=1000)
+
+
+@pytest.fixture(scope="module")
+def pose_video_root(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One clip whose video frames ARE its pose images (128 px): any misalignment between the geometric
+    augmentation of frames and of pose images shows up as a difference between the two."""
+    root = tmp_path_factory.mktemp("posevideo")
+    source = Manifest.load(synthetic_root).split("train")[0]
+    arrays = load_landmarks(synthetic_root / source.landmarks)
+    frames = np.stack([draw_landmarks(points, (128, 128), normalized=True) for points in arrays["lmks"]])
+    clip = root / "clips" / "pose"
+    write_video(clip / "video.mp4", frames, source.fps, crf=0)
+    save_landmarks(clip / "landmarks.npz", arrays)
+    record = ClipRecord(id="pose", split="train", identity="x", fps=source.fps, frames=len(frames), width=128,
+                        height=128, duration_s=len(frames) / source.fps, source="test", video="clips/pose/video.mp4",
+                        landmarks="clips/pose/landmarks.npz")
+    Manifest(root, [record]).save()
+    return root
+
+
+def test_random_crop_and_flip_move_frames_and_pose_images_together(pose_video_root):
+    cropped = datamodule(pose_video_root, crop_scale=[0.6, 0.6]).datasets["train"]
+    flipped = datamodule(pose_video_root, crop_scale=[0.6, 0.6], horizontal_flip=1.0).datasets["train"]
+    uncropped = datamodule(pose_video_root).datasets["train"]
+    def lines(images: torch.Tensor) -> np.ndarray:  # (3, H, W) -> (H, W) bool: where lines are drawn
+        return to_uint8(images).max(-1) > 40
+
+    def overlap(a: np.ndarray, b: np.ndarray) -> float:
+        return (a & b).sum() / (a | b).sum()
+
+    for index in range(4):
+        sample = cropped[index]
+        frame = lines(sample["pixel_values"][0])
+        aligned = overlap(frame, lines(sample["pose_images"][0]))
+        misaligned = overlap(frame, lines(uncropped[index]["pose_images"][0]))  # the same frame's uncropped pose
+        assert aligned > 0.2 and aligned > 5 * misaligned, (index, aligned, misaligned)
+        mirror = flipped[index]
+        for key in ("pixel_values", "pose_images", "reference_image", "reference_pose"):
+            torch.testing.assert_close(mirror[key], sample[key].flip(-1))
+    validation = datamodule(pose_video_root, crop_scale=[0.6, 0.6], horizontal_flip=1.0).datasets["val"]
+    plain = uncropped[0]
+    assert validation[0]["pixel_values"].shape == plain["pixel_values"].shape  # validation: no augmentation
+    assert not validation.augment
+
+
+def test_resumable_loader_continues_with_the_next_batch_and_ranks_do_not_overlap(synthetic_root):
+    dataset = datamodule(synthetic_root).datasets["train"]
+    uninterrupted = [batch["sample_index"].tolist() for batch in ResumableBatchLoader(dataset, 2, 6)]
+    assert uninterrupted == [[0, 1], [2, 3], [4, 5]]
+
+    first = ResumableBatchLoader(dataset, 2, 6)
+    iterator = iter(first)
+    next(iterator)
+    state = first.state_dict()
+    assert state == {"epoch": 0, "next_batch": 1}
+    resumed = ResumableBatchLoader(dataset, 2, 6)
+    resumed.load_state_dict(state)
+    assert [batch["sample_index"].tolist() for batch in resumed] == uninterrupted[1:]
+    assert [batch["sample_index"].tolist() for batch in resumed][0] == [6, 7]  # the next epoch goes on numbering
+
+    ranks = [ResumableBatchLoader(dataset, 2, 8, rank=rank, world_size=2) for rank in (0, 1)]
+    numbers = [[n for batch in loader for n in batch["sample_index"].tolist()] for loader in ranks]
+    assert not set(numbers[0]) & set(numbers[1]) and sorted(numbers[0] + numbers[1]) == list(range(8))
+    with pytest.raises(AniPortraitError, match="samples_per_epoch"):
+        ResumableBatchLoader(dataset, 4, 6, world_size=2)
+
+
+def test_preview_samples_give_uint8_material_for_sample_videos(synthetic_root):
+    previews = datamodule(synthetic_root).preview_samples(2, 10)
+    assert len(previews) == 2
+    for preview in previews:
+        assert preview["frames"].shape == preview["pose_images"].shape == (10, 64, 64, 3)
+        assert preview["reference_image"].dtype == np.uint8 and preview["reference_pose"].shape == (64, 64, 3)
+        assert preview["fps"] == 30.0
