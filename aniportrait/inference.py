@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,10 @@ from omegaconf import DictConfig
 
 from aniportrait.audio.io import load_audio
 from aniportrait.bundle import Bundle
-from aniportrait.data.clip import load_landmarks
 from aniportrait.data.video import write_video
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.geometry import smooth_pose_sequence
+from aniportrait.face.portrait import Portrait, load_portrait, portrait_from_landmarks_npz
 from aniportrait.pipelines.landmarks import AudioToLandmarks, render_pose_images
 from aniportrait.utils.atomic import atomic_path
 
@@ -55,42 +54,14 @@ def check_output_path(output: str | None, suffix: str = ".mp4") -> Path:
     return path
 
 
-@dataclass
-class Portrait:
-    """The face that gets animated: its landmarks, pose-free mesh and camera transform."""
-
-    lmks: np.ndarray  # (478, 3) normalised
-    mesh3d: np.ndarray  # (468, 3)
-    trans_mat: np.ndarray  # (4, 4)
-    image_size: tuple[int, int]  # (height, width) the landmarks were measured in
-    image: np.ndarray | None = None  # (H, W, 3) uint8 when the portrait is an image
-    source: str = ""
-
-
 def load_reference(path: str | os.PathLike, frame: int = 0, size: int = 512, landmarker_model: str | None = None) -> Portrait:
     """A portrait from a clip's landmarks.npz (frame ``frame``) or from an image (landmarks extracted)."""
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
-        raise AniPortraitError(f"reference not found: {path}; give a clip's landmarks.npz or a portrait image (reference=...)")
+        raise AniPortraitError(f"reference not found: {path}; give a portrait image or a clip's landmarks.npz (reference=...)")
     if path.suffix == ".npz":
-        arrays = load_landmarks(path)
-        frames = arrays["lmks"].shape[0]
-        if not 0 <= frame < frames or not bool(arrays["valid"][frame]):
-            raise AniPortraitError(f"{path}: frame {frame} has no face (the clip has {frames} frames); choose reference_frame=")
-        height = width = size
-        video = path.parent / "video.mp4"
-        if video.is_file():
-            from aniportrait.data.video import probe_video
-
-            info = probe_video(video)
-            height, width = size, max(2, round(size * info.width / info.height / 2) * 2)
-        return Portrait(arrays["lmks"][frame], arrays["mesh3d"][frame], arrays["trans_mat"][frame], (height, width), source=str(path))
-    try:
-        from aniportrait.face.portrait import load_portrait
-    except ImportError as error:  # pragma: no cover - the portrait loader ships with the face package
-        raise AniPortraitError(f"cannot read portrait images in this installation ({error})") from error
-    portrait = load_portrait(path, size=size, landmarker_model=landmarker_model)
-    return Portrait(portrait.lmks, portrait.mesh3d, portrait.trans_mat, portrait.image.shape[:2], portrait.image, str(path))
+        return portrait_from_landmarks_npz(path, frame=frame, size=size)
+    return load_portrait(path, size=size, landmarker_model=landmarker_model)
 
 
 def _pose_template(path: str | os.PathLike, frames: int) -> np.ndarray:
@@ -110,55 +81,93 @@ def _summary(output: Path, frames: int, fps: float, seconds: float, device: torc
             f"{seconds / max(frames, 1):.3f} s/frame, {device}")
 
 
-def infer_landmarks(cfg: DictConfig) -> Path:
-    """Stage A: speech + portrait -> pose-image video with audio, plus meshes/poses/landmarks (.npz)."""
-    started = time.perf_counter()
-    output = check_output_path(cfg.output)
+def _audio_driven(cfg: DictConfig, portrait: Portrait, device: torch.device):
+    """Speech -> (meshes, poses, fps, audio) with the bundle's Audio2Mesh (+ Audio2Pose)."""
     if not cfg.get("bundle"):
         raise AniPortraitError("no bundle given: add bundle=PATH (a training run prints `bundle: <path>`) "
                                "or set ANIPORTRAIT_BUNDLE")
-    if not cfg.get("audio"):
-        raise AniPortraitError("mode=landmarks needs speech: add audio=PATH (wav, flac, mp3, m4a)")
-    if not cfg.get("reference"):
-        raise AniPortraitError("mode=landmarks needs a portrait: add reference=PATH (a clip's landmarks.npz or an image)")
     bundle = Bundle.open(cfg.bundle)
-    bundle.require("audio2mesh", purpose="mode=landmarks")
-    device = resolve_device(cfg.get("device"))
-    portrait = load_reference(cfg.reference, int(cfg.get("reference_frame", 0)), int(cfg.size),
-                              cfg.get("face", {}).get("landmarker_model"))
+    bundle.require("audio2mesh", purpose="audio-driven landmarks")
     audio = load_audio(cfg.audio)
-    landmarks_model = AudioToLandmarks.from_bundle(bundle, device)
-    fps = float(cfg.fps or landmarks_model.fps)
-    landmarks_model.fps = fps
+    model = AudioToLandmarks.from_bundle(bundle, device)
+    if cfg.get("fps"):
+        model.fps = float(cfg.fps)
     pose_cfg = cfg.get("pose", {}) or {}
     overrides = {k: v for k, v in {"rotation_scale": pose_cfg.get("rotation_scale"),
                                    "smooth_window": pose_cfg.get("smooth_window")}.items() if v is not None}
-    prediction = landmarks_model.predict(audio, portrait.mesh3d, identity=cfg.get("identity"), pose_overrides=overrides)
-    frames = prediction.meshes.shape[0]
-    if cfg.get("length"):
-        frames = min(frames, int(cfg.length))
-    poses = prediction.poses[:frames]
-    source = pose_cfg.get("source", "predicted")
-    if source == "still" or (source == "predicted" and landmarks_model.audio2pose is None):
+    prediction = model.predict(audio, portrait.mesh3d, identity=cfg.get("identity"), pose_overrides=overrides)
+    frames = prediction.meshes.shape[0] if not cfg.get("length") else min(prediction.meshes.shape[0], int(cfg.length))
+    source = pose_cfg.get("source", "auto")
+    if source in ("auto", "predicted") and model.audio2pose is not None:
+        poses = prediction.poses[:frames]
+    elif source in ("auto", "predicted", "still"):
         poses = np.zeros((frames, 6))
     elif source == "template":
-        if not pose_cfg.get("template"):
-            raise AniPortraitError("pose.source=template needs pose.template=PATH (an official pose_temp.npy)")
-        poses = _pose_template(pose_cfg.template, frames)
-        if pose_cfg.get("smooth_window"):
-            poses = smooth_pose_sequence(poses, int(pose_cfg.smooth_window))
-    elif source != "predicted":
-        raise AniPortraitError(f"pose.source must be predicted, still or template, got {source!r}")
-    meshes = prediction.meshes[:frames]
-    pixels, pose_images = render_pose_images(meshes, portrait.trans_mat, poses, portrait.image_size)
-    samples = round(frames / fps * 16000)
+        poses = _template_poses(pose_cfg, frames)
+    else:
+        raise AniPortraitError(f"pose.source must be auto, predicted, still or template with audio=, got {source!r}")
+    return prediction.meshes[:frames], poses, model.fps, audio
+
+
+def _video_driven(cfg: DictConfig, portrait: Portrait, image_size: tuple[int, int]):
+    """Driving video -> (meshes, poses, fps, audio or None): its landmarks retargeted onto the portrait."""
+    from aniportrait.data.video import probe_video
+    from aniportrait.face.landmarks import detect_video_file
+    from aniportrait.face.retarget import retarget
+
+    pose_cfg = cfg.get("pose", {}) or {}
+    source = pose_cfg.get("source", "auto")
+    modes = {"auto": "driver", "driver": "driver", "still": "portrait", "template": "template"}
+    if source not in modes:
+        raise AniPortraitError(f"pose.source must be auto, driver, still or template with video=, got {source!r}")
+    if source == "template" and not pose_cfg.get("template"):
+        raise AniPortraitError("pose.source=template needs pose.template=PATH (an official pose_temp.npy)")
+    info = probe_video(cfg.video)
+    driving, fps = detect_video_file(cfg.video, model_path=(cfg.get("face") or {}).get("landmarker_model"),
+                                     max_frames=cfg.get("length"))
+    result = retarget(portrait, driving, pose=modes[source], pose_template=pose_cfg.get("template"), image_size=image_size,
+                      pose_smooth_window=int(pose_cfg.get("smooth_window") or 1))
+    audio = load_audio(cfg.video) if info.has_audio else None
+    return result.meshes, result.poses, fps, audio
+
+
+def _template_poses(pose_cfg, frames: int) -> np.ndarray:
+    if not pose_cfg.get("template"):
+        raise AniPortraitError("pose.source=template needs pose.template=PATH (an official pose_temp.npy)")
+    poses = _pose_template(pose_cfg.template, frames)
+    if pose_cfg.get("smooth_window"):
+        poses = smooth_pose_sequence(poses, int(pose_cfg.smooth_window))
+    return poses
+
+
+def infer_landmarks(cfg: DictConfig) -> Path:
+    """Stage A: speech (audio=) or a driving video (video=) + portrait -> pose-image video with the audio muxed,
+    plus the meshes, poses and 2-D landmarks (.npz beside the video)."""
+    started = time.perf_counter()
+    output = check_output_path(cfg.output)
+    if bool(cfg.get("audio")) == bool(cfg.get("video")):
+        raise AniPortraitError("mode=landmarks needs exactly one driver: audio=SPEECH (wav, flac, mp3, m4a) or "
+                               "video=DRIVING.mp4")
+    if not cfg.get("reference"):
+        raise AniPortraitError("mode=landmarks needs a portrait: add reference=PATH (an image or a clip's landmarks.npz)")
+    device = resolve_device(cfg.get("device"))
+    portrait = load_reference(cfg.reference, int(cfg.get("reference_frame", 0)), int(cfg.size),
+                              (cfg.get("face") or {}).get("landmarker_model"))
+    image_size = portrait.image.shape[:2]
+    if cfg.get("audio"):
+        meshes, poses, fps, audio = _audio_driven(cfg, portrait, device)
+    else:
+        meshes, poses, fps, audio = _video_driven(cfg, portrait, image_size)
+    frames = len(meshes)
+    pixels, pose_images = render_pose_images(meshes, portrait.trans_mat, poses, image_size)
     arrays_path = output.with_suffix(".npz")
     with atomic_path(arrays_path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, meshes=meshes.astype(np.float32), poses=poses.astype(np.float32),
                                 landmarks=pixels.astype(np.float32), trans_mat=portrait.trans_mat.astype(np.float32),
-                                image_size=np.array(portrait.image_size), fps=np.float32(fps))
-        write_video(output, pose_images, fps, audio=audio[:samples])
+                                image_size=np.array(image_size), fps=np.float32(fps))
+        muxed = None if audio is None else audio[: round(frames / fps * 16000)]
+        write_video(output, pose_images, fps, audio=muxed)
     print(_summary(output, frames, fps, time.perf_counter() - started, device))
     return output
 

@@ -160,6 +160,7 @@ def portrait_from_landmarks_npz(
 
     ``video`` defaults to ``video.mp4`` beside the npz (the clip format). ``size`` resizes the (square)
     frame; normalised landmarks, the mesh and the camera of a square image do not change with its size.
+    Without a video (landmarks only), the image is black: enough for landmark-only modes.
     """
     from aniportrait.data.clip import load_landmarks
     from aniportrait.data.video import read_video
@@ -174,7 +175,11 @@ def portrait_from_landmarks_npz(
         hint = f"use a valid frame, e.g. {int(valid[0])}" if len(valid) else "this clip has no face at all"
         raise AniPortraitError(f"{path}: frame {frame} has no detected face; {hint}")
     video = Path(video) if video is not None else path.with_name("video.mp4")
-    image = read_video(video, [frame])[0]
+    if not video.is_file():
+        side = size or 512
+        image = np.zeros((side, side, 3), dtype=np.uint8)
+    else:
+        image = read_video(video, [frame])[0]
     if image.shape[0] != image.shape[1]:
         raise AniPortraitError(f"{video} is {image.shape[1]}x{image.shape[0]}; clip videos are square face crops")
     if size is not None and size != image.shape[0]:
