@@ -9,6 +9,10 @@ Units follow the inputs: meshes in MediaPipe's metric canonical space are in cen
 * Mouth opening: the inner-lip gap |v13 - v14|; its Pearson correlation with the ground truth measures
   whether the mouth moves with the speech (a model that learned nothing scores about 0).
 * Pose L1: mean absolute error per pose component.
+* LMD (landmark distance) on 2-D landmarks found in videos: per frame the mean Euclidean distance over
+  the face mesh (468 points) or the mouth (the 40 lip vertices), in pixels of the compared frames.
+* Blendshape (expression) error: per frame the mean absolute difference of MediaPipe's 51 expression
+  scores (the ``_neutral`` score at index 0 left out: it is not an expression).
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ __all__ = [
     "pearson",
     "pose_l1",
     "landmark_distance",
+    "landmark_distance_per_frame",
+    "blendshape_error_per_frame",
+    "FACE_MESH_POINTS",
+    "MOUTH_POINTS",
 ]
 
 _LIPS = torch.tensor(LIP_VERTICES)
+FACE_MESH_POINTS = tuple(range(468))
+MOUTH_POINTS = LIP_VERTICES
 
 
 def _mask(frames: int, mask, device) -> torch.Tensor:
@@ -78,3 +88,15 @@ def landmark_distance(pred: np.ndarray, target: np.ndarray, indices=None) -> flo
     if indices is not None:
         pred, target = pred[..., list(indices), :], target[..., list(indices), :]
     return float(np.linalg.norm(pred - target, axis=-1).mean())
+
+
+def landmark_distance_per_frame(pred: np.ndarray, target: np.ndarray, indices=FACE_MESH_POINTS) -> np.ndarray:
+    """(T, N, >=2) landmarks (pixels) -> (T,) mean 2-D distance over the points ``indices``."""
+    pred = np.asarray(pred, dtype=np.float64)[:, list(indices), :2]
+    target = np.asarray(target, dtype=np.float64)[:, list(indices), :2]
+    return np.linalg.norm(pred - target, axis=-1).mean(axis=-1)
+
+
+def blendshape_error_per_frame(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(T, 52) MediaPipe blendshape scores -> (T,) mean absolute error over the 51 expressions."""
+    return np.abs(np.asarray(pred, dtype=np.float64)[:, 1:] - np.asarray(target, dtype=np.float64)[:, 1:]).mean(axis=-1)
