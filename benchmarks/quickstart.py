@@ -28,8 +28,13 @@ def main() -> None:
         seconds = time.perf_counter() - started
         if result.returncode != 0:
             sys.exit(f"train.py failed:\n{result.stderr[-4000:]}")
-        metrics = {name: float(value) for name, value in re.findall(r"\| (val/\S+)\s*\| ([-\d.e]+) \|", result.stdout)}
+        metrics = {name: float(value) for name, value in re.findall(r"\| ((?:\w+/)?val/\S+)\s*\| ([-\d.e]+) \|", result.stdout)}
         log = next(Path(work, "logs").rglob("train.log")).read_text()
+        run_dir = next(Path(work, "logs").rglob("config_resolved.yaml")).parent
+        keep = REPO / "benchmarks" / "results" / "quickstart_samples"
+        keep.mkdir(parents=True, exist_ok=True)
+        for video in sorted(run_dir.glob("samples/*.mp4"))[-2:] + sorted(run_dir.glob("previews/*mouth.png"))[-1:]:
+            (keep / video.name).write_bytes(video.read_bytes())
         generation = re.findall(r"synthetic dataset generated in (\d+(?:\.\d+)?) s", log)
     record = {
         "command": "python train.py " + " ".join(sys.argv[1:]),

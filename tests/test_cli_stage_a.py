@@ -29,7 +29,7 @@ def _last_line(text: str) -> str:
 
 
 def test_train_exports_a_bundle_and_says_so_last(env, tmp_path):
-    result = run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
+    result = run_cli("train.py", "model=audio", "debug=fast", "data=synthetic_tiny", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     last = _last_line(result.stdout)
     assert last.startswith("bundle: ")
@@ -42,7 +42,7 @@ def test_train_exports_a_bundle_and_says_so_last(env, tmp_path):
 
 
 def test_multirun_sweep_runs_each_trial(env, tmp_path):
-    result = run_cli("train.py", "-m", "debug=fast", "data=synthetic_tiny", "model.optimizer.lr=1e-4,3e-4", env=env)
+    result = run_cli("train.py", "-m", "model=audio", "debug=fast", "data=synthetic_tiny", "model.optimizer.lr=1e-4,3e-4", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     bundles = sorted(Path(env["ANIPORTRAIT_LOGS"]).glob("train/multiruns/*/*/*/bundle/aniportrait.yaml"))
     assert len(bundles) == 2
@@ -61,7 +61,7 @@ def test_optuna_sweep(env):
 
 
 def test_wandb_logger_works_offline_without_an_account(env, tmp_path):
-    result = run_cli("train.py", "logger=wandb", "debug=fast", "data=synthetic_tiny", env={**env, "WANDB_API_KEY": "",
+    result = run_cli("train.py", "logger=wandb", "model=audio", "debug=fast", "data=synthetic_tiny", env={**env, "WANDB_API_KEY": "",
                                                                                           "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = Path(_last_line(result.stdout).removeprefix("bundle: ")).parent

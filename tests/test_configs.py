@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from aniportrait.cli import _register_resolvers, config_dir
+from aniportrait.training.run import _module_config
 
 CONF = config_dir()
 GROUPS = ("data", "model", "backbone", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search")
@@ -48,11 +49,11 @@ def test_every_group_option_instantiates(group, option, tmp_path):
         source = hydra.utils.instantiate(cfg.data)
         assert hasattr(source, "resolve")
     elif group == "model":
-        pytest.importorskip("diffusers")
-        module_cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "loader"})
-        module = hydra.utils.instantiate(module_cfg, _recursive_=False)
-        datamodule = hydra.utils.instantiate(cfg.model.loader, source=hydra.utils.instantiate(cfg.data))
-        assert module is not None and datamodule is not None
+        stages = dict(cfg.model.stages) if "stages" in cfg.model else {"model": cfg.model}
+        for stage_cfg in stages.values():
+            module = hydra.utils.instantiate(_module_config(stage_cfg), _recursive_=False)
+            datamodule = hydra.utils.instantiate(stage_cfg.loader, source=hydra.utils.instantiate(cfg.data))
+            assert module is not None and datamodule is not None
     elif group == "trainer":
         with open_dict(cfg):
             cfg.trainer.accelerator = "cpu"

@@ -30,6 +30,7 @@ Random access into H.264 decodes from the previous keyframe: datasets prepared w
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -130,7 +131,13 @@ class VideoFrameDataset(Dataset):
             )
         self._cache_size = cache_clips
         self._landmarks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._readers: OrderedDict[int, Any] = OrderedDict()  # decord readers, one LRU per worker process
+        self._readers: OrderedDict[int, Any] = OrderedDict()  # decord readers of this process
+        self._readers_pid = os.getpid()
+        self._inherited_readers: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Workers started by spawn get no readers (they cannot be pickled); each process opens its own."""
+        return {**self.__dict__, "_readers": OrderedDict(), "_inherited_readers": []}
 
     def __len__(self) -> int:
         return self.length if self.random_clips else len(self.records)
@@ -179,6 +186,11 @@ class VideoFrameDataset(Dataset):
             except Exception as error:  # noqa: BLE001 - decord raises DECORDError and RuntimeError
                 raise AniPortraitError(f"clip {record.id}: cannot open {path} ({error}); the file is corrupt") from error
 
+        if self._readers_pid != os.getpid():
+            # A forked worker: inherited readers share file offsets with the parent, and destroying one joins decoder
+            # threads that exist only there (an abort). Keep them, unused; workers end with os._exit.
+            self._inherited_readers.extend(self._readers.values())
+            self._readers, self._readers_pid = OrderedDict(), os.getpid()
         reader = self._cached(self._readers, clip_index, load)
         unique, inverse = np.unique(indices, return_inverse=True)
         if unique[-1] >= len(reader):

@@ -308,8 +308,7 @@ class Pose2VideoPipeline:
         step_kwargs = self._step_kwargs(generator, eta)
 
         def features(window: slice) -> list[torch.Tensor]:
-            pose_features = self.pose_guider(pose[:, :, window], reference_pose_tensor)  # 5 x (1, C, n, h, w)
-            return [torch.cat([feature, feature]) for feature in pose_features] if guided else pose_features
+            return self.pose_guider(pose[:, :, window], reference_pose_tensor)  # 5 x (1, C, n, h, w)
 
         cached = [features(window) for window in windows] if cache_pose_features else None
         try:
@@ -320,9 +319,11 @@ class Pose2VideoPipeline:
                     model_input = latents[:, :, window]
                     model_input = torch.cat([model_input, model_input]) if guided else model_input
                     model_input = self.scheduler.scale_model_input(model_input, timestep)
+                    pose_features = cached[index] if cached else features(window)
+                    if guided:  # both halves see the same poses
+                        pose_features = [torch.cat([feature, feature]) for feature in pose_features]
                     prediction = self.denoising_unet(
-                        model_input.to(unet_dtype), timestep, embeds.to(unet_dtype),
-                        pose_cond_fea=cached[index] if cached else features(window),
+                        model_input.to(unet_dtype), timestep, embeds.to(unet_dtype), pose_cond_fea=pose_features,
                     ).sample.float()  # (1 or 2, 4, n, h, w)
                     if guided:
                         uncond, cond = prediction.chunk(2)

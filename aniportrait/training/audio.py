@@ -264,8 +264,13 @@ class AudioLandmarkModule(pl.LightningModule):
             }
         }
 
-    def export(self, out_dir: str | Path, provenance: dict | None = None) -> Path:
+    def bundle_parts(self) -> tuple[dict, dict, dict, dict]:
+        """(components, state_dicts, settings, base_models) for :func:`aniportrait.bundle.export_bundle`."""
         _, pretrained = wav2vec2_config_from_backbone(self.hparams.backbone)
         base_models = {"wav2vec2": pretrained or "random-init (config in the component)"}
-        return export_bundle(out_dir, self._models(), settings=self.bundle_settings(), base_models=base_models,
-                             provenance=provenance)
+        return self._models(), {}, self.bundle_settings(), base_models
+
+    def export(self, out_dir: str | Path, provenance: dict | None = None) -> Path:
+        components, state_dicts, settings, base_models = self.bundle_parts()
+        return export_bundle(out_dir, components, settings=settings, base_models=base_models, provenance=provenance,
+                             state_dicts=state_dicts)

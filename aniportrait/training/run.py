@@ -1,7 +1,10 @@
 """The training recipe behind ``train.py``: build everything from the config, fit, validate, export.
 
-Reads top to bottom: data source -> LightningModule -> datamodule -> callbacks and loggers -> Trainer ->
-fit (or resume) -> final validation -> bundle. Loggers are always closed, also when training fails.
+Reads top to bottom: data source -> for each stage: LightningModule, datamodule, callbacks, loggers,
+Trainer, fit (or resume), final validation -> one bundle with every stage's components. A single-stage
+``model`` config (``model=audio``) is one stage; ``model=all`` lists several under ``model.stages`` (each
+with optional ``trainer:`` overrides), run in order, stage 2 starting from this run's stage 1. Loggers are
+always closed, also when training fails.
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["train", "print_metrics"]
+from aniportrait.bundle import export_bundle
+from aniportrait.errors import AniPortraitError
+
+__all__ = ["train", "print_metrics", "lookup_metric"]
 
 log = logging.getLogger(__name__)
+
+_STAGE_KEYS = ("loader", "trainer")  # stage settings that are not LightningModule arguments
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -26,9 +34,16 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig) and "_target_" in entry]
 
 
-def _module_config(model_cfg: DictConfig) -> DictConfig:
-    """The LightningModule's config: the model group minus the datamodule (``loader``) settings."""
-    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "loader"})
+def _module_config(stage_cfg: DictConfig) -> DictConfig:
+    """The LightningModule's config: the stage config minus the datamodule and trainer settings."""
+    plain = OmegaConf.to_container(stage_cfg, resolve=True)
+    return OmegaConf.create({k: v for k, v in plain.items() if k not in _STAGE_KEYS})
+
+
+def _stages(cfg: DictConfig) -> dict[str, DictConfig]:
+    if "stages" in cfg.model:
+        return dict(cfg.model.stages)
+    return {"model": cfg.model}
 
 
 def _final_metrics(trainer: pl.Trainer, module: pl.LightningModule, datamodule) -> dict[str, float]:
@@ -47,34 +62,43 @@ def print_metrics(metrics: dict[str, float]) -> None:
         print(f"| {name:<{width}} | {metrics[name]:.4f} |")
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
-    """Fit the configured stage; returns (final validation metrics, bundle path or None)."""
-    pl.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision("high")
-    output_dir = Path(cfg.paths.output_dir)
+def lookup_metric(metrics: dict[str, float], name: str | None) -> float | None:
+    """``name`` itself, or the first stage's ``<stage>/<name>`` in a multi-stage run."""
+    if not name:
+        return None
+    if name in metrics:
+        return metrics[name]
+    return next((value for key, value in metrics.items() if key.endswith(f"/{name}")), None)
 
-    source = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(_module_config(cfg.model), _recursive_=False)
-    datamodule = hydra.utils.instantiate(cfg.model.loader, source=source)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+def _fit_stage(cfg: DictConfig, name: str, stage_cfg: DictConfig, source, output_dir: Path, multi: bool,
+               previous: dict[str, pl.LightningModule]) -> tuple[pl.LightningModule, dict[str, float], pl.Trainer]:
+    module = hydra.utils.instantiate(_module_config(stage_cfg), _recursive_=False)
+    if hasattr(module, "load_stage1_from_module") and "video_stage1" in previous and not stage_cfg.get("stage1"):
+        module.load_stage1_from_module(previous["video_stage1"])
+    datamodule = hydra.utils.instantiate(stage_cfg.loader, source=source)
+    trainer_cfg = OmegaConf.merge(cfg.trainer, stage_cfg.get("trainer") or {}, cfg.get("trainer_overrides") or {})
+    callbacks_cfg = OmegaConf.create(OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True))
+    loggers_cfg = OmegaConf.create(OmegaConf.to_container(cfg.get("logger") or {}, resolve=True))
+    if multi:  # each stage keeps its own checkpoints and logs
+        with open_dict(callbacks_cfg), open_dict(loggers_cfg):
+            for entry in callbacks_cfg.values():
+                if entry and "dirpath" in entry:
+                    entry.dirpath = str(Path(entry.dirpath) / name)
+            for entry in loggers_cfg.values():
+                if entry and "version" in entry:
+                    entry.version = name
+        with open_dict(trainer_cfg):
+            trainer_cfg.default_root_dir = str(output_dir / name)
+    callbacks = _instantiate_all(callbacks_cfg)
+    loggers = _instantiate_all(loggers_cfg)
+    trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
         for logger in loggers:
             logger.log_hyperparams(resolved)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=None if multi else cfg.get("ckpt_path"))
         metrics = _final_metrics(trainer, module, datamodule)
-        bundle = None
-        if cfg.get("export", True) and trainer.is_global_zero:
-            bundle = module.export(
-                output_dir / "bundle",
-                provenance={"run_dir": str(output_dir), "metrics": metrics, "global_step": trainer.global_step,
-                            "command": " ".join(sys.argv), "config": resolved},
-            )
     finally:
         for logger in loggers:
             logger.finalize("success")
@@ -82,4 +106,48 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
                 import wandb
 
                 wandb.finish()
+    if multi:
+        metrics = {f"{name}/{key}": value for key, value in metrics.items()}
+    return module, metrics, trainer
+
+
+def _export(modules: dict[str, pl.LightningModule], out_dir: Path, provenance: dict) -> Path:
+    components, state_dicts, settings, base_models = {}, {}, {}, {}
+    for module in modules.values():
+        parts = module.bundle_parts()
+        components.update(parts[0])
+        state_dicts.update(parts[1])
+        settings.update(parts[2])
+        base_models.update(parts[3])
+    return export_bundle(out_dir, components, settings=settings, base_models=base_models, provenance=provenance,
+                         state_dicts=state_dicts)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
+    """Fit the configured stage(s); returns (final validation metrics, bundle path or None)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
+
+    stages = _stages(cfg)
+    multi = len(stages) > 1 or "stages" in cfg.model
+    if multi and cfg.get("ckpt_path"):
+        raise AniPortraitError("ckpt_path resumes one stage: run that stage alone (e.g. model=video_stage2 "
+                               "model.stage1=BUNDLE ckpt_path=...), not model=all")
+    source = hydra.utils.instantiate(cfg.data)
+    trained: dict[str, pl.LightningModule] = {}
+    metrics: dict[str, float] = {}
+    trainer = None
+    for name, stage_cfg in stages.items():
+        log.info("training stage %s", name)
+        module, stage_metrics, trainer = _fit_stage(cfg, name, stage_cfg, source, output_dir, multi, trained)
+        trained[name] = module
+        metrics.update(stage_metrics)
+    bundle = None
+    if cfg.get("export", True) and trainer.is_global_zero:
+        bundle = _export(trained, output_dir / "bundle", provenance={
+            "run_dir": str(output_dir), "metrics": metrics, "stages": list(stages), "command": " ".join(sys.argv),
+            "config": OmegaConf.to_container(cfg, resolve=True)})
     return metrics, bundle

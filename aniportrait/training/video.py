@@ -17,8 +17,10 @@ One training step (``_diffusion_loss``), as the official ``train_stage_{1,2}.py`
     pred     = UNet3D(x_t, t, CLIP, PoseGuider(pose, reference pose), reading the bank)
     loss     = mean_b( min(SNR_t (+1 for v), gamma) / SNR_t * mean(|pred - target|^2) )
 
-Randomness of a step (VAE sampling, noise, timesteps, dropout of the reference) comes from generators seeded by
-``(seed, first sample number of the batch)``: a resumed run repeats an uninterrupted run's losses exactly.
+A sample's randomness (VAE posterior sample, noise, timestep, reference dropout when per sample) comes from generators
+seeded by ``(seed, sample number)``: a resumed run repeats an uninterrupted run's losses exactly, and DDP ranks
+holding parts of a batch draw what one process holding all of it would (with ``trainer.sync_batchnorm`` for the
+PoseGuider's BatchNorm, as conf/trainer/ddp.yaml sets).
 
 The VAE and CLIP image encoder are not registered submodules: checkpoints and exported bundles hold only what
 trains (and, in stage 2, the frozen stage-1 weights); they are moved to the device on first use, in the
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.training_utils import compute_snr
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.strategies import DDPStrategy
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from aniportrait.bundle import BUNDLE_FILE, Bundle, export_bundle, load_component_weights
@@ -88,6 +91,12 @@ DEFAULT_SAMPLING: dict[str, Any] = {"scheduler": INFERENCE_V2_SCHEDULER, "num_in
 _EMA_DEFAULTS: dict[str, Any] = {"decay": None, "export": True}
 _STAGE1_COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
 _UNCOND_CLIP = ("zero_image", "zero_embedding")
+
+
+def _shards_parameters(trainer: pl.Trainer) -> bool:
+    """FSDP and DeepSpeed ZeRO-3 keep only a shard of every parameter on each rank."""
+    strategy = type(trainer.strategy).__name__
+    return strategy == "FSDPStrategy" or (strategy == "DeepSpeedStrategy" and trainer.strategy.zero_stage_3)
 
 
 def _plain(value: Any) -> Any:
@@ -215,9 +224,25 @@ class _VideoDiffusionModule(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "settings"):
             self.data_settings = dict(datamodule.settings)
             self._check_clip_image_size()
+        if self._trainer is not None:
+            self._check_strategy()
+        if self.ema is not None and self._trainer is not None and _shards_parameters(self.trainer):
+            raise AniPortraitError(f"model.ema works with single-device and DDP training, not with "
+                                   f"{type(self.trainer.strategy).__name__}: set model.ema.decay=null")
         if stage == "fit" and not self._weights_initialised:
             self._initialise_weights()
         self._weights_initialised = True
+
+    def _check_strategy(self) -> None:
+        """Stage 1 skips the ReferenceNet on reference-dropout steps (as official): DDP must expect unused parameters,
+        else it fails at the first such step, possibly hours in; say so before training starts."""
+        strategy = self.trainer.strategy
+        expects_unused = getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)  # Lightning's DDP kwargs
+        if self.stage == 1 and isinstance(strategy, DDPStrategy) and self.loss_settings["uncond_ratio"] > 0 and not expects_unused:
+            raise AniPortraitError(
+                "stage 1 under DDP: reference-dropout steps leave the ReferenceNet unused, which DDP must be told about: "
+                "set trainer.strategy=ddp_find_unused_parameters_true (the official script sets find_unused_parameters)"
+            )
 
     def _check_clip_image_size(self) -> None:
         data_size = self.data_settings.get("clip_image_size")
@@ -258,18 +283,28 @@ class _VideoDiffusionModule(pl.LightningModule):
         if vae.device != self.device or vae.dtype != dtype:
             self.frozen.to(self.device, dtype)
 
-    def _generators(self, batch: Mapping[str, torch.Tensor], stream: int) -> tuple[torch.Generator, torch.Generator]:
-        """(CPU, device) generators for a batch, seeded by (seed, stream, its first sample number)."""
-        first = int(batch["sample_index"][0])
-        seed = int(np.random.SeedSequence([int(self.hparams.seed), stream, first]).generate_state(1)[0])
-        return torch.Generator().manual_seed(seed), torch.Generator(device=self.device).manual_seed(seed)
+    def _generators(self, batch: Mapping[str, torch.Tensor], stream: int) -> tuple[list[torch.Generator],
+                                                                                     list[torch.Generator]]:
+        """Per sample, (CPU, device) generators seeded by (seed, stream, sample number): a sample's noise, timestep and
+        dropout do not depend on how samples are batched or sharded over ranks."""
+        seeds = [int(np.random.SeedSequence([int(self.hparams.seed), stream, int(number)]).generate_state(1)[0])
+                 for number in batch["sample_index"].tolist()]
+        return ([torch.Generator().manual_seed(seed) for seed in seeds],
+                [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds])
 
-    def _encode(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(n, 3, H, W) in [-1, 1] -> (n, 4, h, w) scaled latents, sampled from the VAE posterior (official)."""
+    def _randn(self, shape: Sequence[int], generators: list[torch.Generator]) -> torch.Tensor:
+        """(b, *shape) standard normal noise, sample i from generator i."""
+        return torch.stack([torch.randn(tuple(shape), generator=generator, device=self.device) for generator in generators])
+
+    def _sample_latents(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """(b n, 3, H, W) in [-1, 1], n images per sample -> (b n, 4, h, w) scaled latents sampled from the VAE
+        posterior (official), each sample's noise from its generator."""
         vae = self.frozen.vae
-        latents = [vae.encode(chunk.to(vae.dtype)).latent_dist.sample(generator)
-                   for chunk in images.split(int(self.hparams.vae_batch_size))]
-        return torch.cat(latents).float() * vae.config.scaling_factor
+        posteriors = [vae.encode(chunk.to(vae.dtype)).latent_dist for chunk in images.split(int(self.hparams.vae_batch_size))]
+        mean = torch.cat([posterior.mean for posterior in posteriors]).float()
+        std = torch.cat([posterior.std for posterior in posteriors]).float()
+        eps = self._randn((len(images) // len(generators), *mean.shape[1:]), generators).flatten(0, 1)
+        return (mean + std * eps) * vae.config.scaling_factor
 
     def _clip_embeds(self, clip_images: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """(b, 3, S, S) CLIP pixels -> (b, 1, D) embeddings; unconditional samples per ``loss.uncond_clip``."""
@@ -282,12 +317,12 @@ class _VideoDiffusionModule(pl.LightningModule):
             embeds = torch.where(drop[:, None], torch.zeros_like(embeds), embeds)
         return embeds.unsqueeze(1)
 
-    def _draw_uncond(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def _draw_uncond(self, generators: list[torch.Generator]) -> torch.Tensor:
         """(b,) bool on the CPU: which samples train the unconditional (reference-free) branch for CFG."""
         ratio = float(self.loss_settings["uncond_ratio"])
         if self.loss_settings["uncond_per_sample"]:
-            return torch.rand(batch_size, generator=generator) < ratio
-        return (torch.rand(1, generator=generator) < ratio).expand(batch_size)
+            return torch.cat([torch.rand(1, generator=generator) for generator in generators]) < ratio
+        return (torch.rand(1, generator=generators[0]) < ratio).expand(len(generators))
 
     def _predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, reference_latents: torch.Tensor,
                  clip_embeds: torch.Tensor, pose_images: torch.Tensor, reference_pose: torch.Tensor,
@@ -313,23 +348,23 @@ class _VideoDiffusionModule(pl.LightningModule):
         return torch.where(snr > 0, snr.clamp(max=float(gamma)) / snr.clamp(min=1e-12), torch.ones_like(snr))
 
     def _diffusion_loss(self, batch: Mapping[str, torch.Tensor], stream: int, allow_uncond: bool) -> torch.Tensor:
-        cpu_generator, generator = self._generators(batch, stream)
+        cpu_generators, generators = self._generators(batch, stream)
         pixel_values = batch["pixel_values"]  # (b, f, 3, H, W)
         batch_size, num_frames = pixel_values.shape[:2]
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=generator) for generator in cpu_generators])
+        timesteps = timesteps.to(self.device)  # (b,)
+        uncond = self._draw_uncond(cpu_generators) if allow_uncond else torch.zeros(batch_size, dtype=torch.bool)
         self._prepare_frozen()
         with torch.no_grad():
-            latents = self._encode(pixel_values.flatten(0, 1), generator)  # (b f, 4, h, w)
+            latents = self._sample_latents(pixel_values.flatten(0, 1), generators)  # (b f, 4, h, w)
             latents = latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2)  # (b, 4, f, h, w)
-            reference_latents = self._encode(batch["reference_image"], generator)  # (b, 4, h, w)
-            uncond = (self._draw_uncond(batch_size, cpu_generator) if allow_uncond
-                      else torch.zeros(batch_size, dtype=torch.bool))
+            reference_latents = self._sample_latents(batch["reference_image"], generators)  # (b, 4, h, w)
             clip_embeds = self._clip_embeds(batch["clip_image"], uncond)  # (b, 1, D)
 
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
-                                  generator=cpu_generator).to(self.device)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        noise = self._randn(latents.shape[1:], generators)  # (b, 4, f, h, w)
         if self.loss_settings["noise_offset"]:
-            offset = torch.randn((batch_size, latents.shape[1], 1, 1, 1), generator=generator, device=self.device)
+            offset = self._randn((latents.shape[1], 1, 1, 1), generators)  # one shift per sample and channel
             noise = noise + float(self.loss_settings["noise_offset"]) * offset
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -412,7 +447,17 @@ class _VideoDiffusionModule(pl.LightningModule):
                                      "data_settings": self.data_settings,
                                      "ema": self.ema.state_dict() if self.ema is not None else None}
 
+    def on_fit_start(self) -> None:
+        if getattr(self, "_stage1_missing", False) and not getattr(self, "_restored_from_checkpoint", False):
+            raise AniPortraitError(
+                "model.stage1 is not set: stage 2 trains only the motion modules on top of trained stage-1 weights. "
+                "Set model.stage1=PATH to a stage-1 bundle folder (the `bundle: ...` a model=video_stage1 run prints), "
+                "a stage-1 Lightning checkpoint (.ckpt), or a folder with the official reference_unet.pth, "
+                "denoising_unet.pth and pose_guider.pth"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored_from_checkpoint = True
         info = checkpoint.get("aniportrait", {})
         self.data_settings = dict(info.get("data_settings", {}))
         if self.ema is not None and info.get("ema"):
@@ -642,12 +687,8 @@ class VideoStage2Module(_VideoDiffusionModule):
             if stage1:
                 self._load_stage1(stage1)
             elif not all(self.init_sources.get(name) for name in _STAGE1_COMPONENTS):
-                raise AniPortraitError(
-                    "model.stage1 is not set: stage 2 trains only the motion modules on top of trained stage-1 weights. "
-                    "Set model.stage1=PATH to a stage-1 bundle folder (the `bundle: ...` a model=video_stage1 run prints), "
-                    "a stage-1 Lightning checkpoint (.ckpt), or a folder with the official reference_unet.pth, "
-                    "denoising_unet.pth and pose_guider.pth"
-                )
+                # Lightning restores a resumed run's checkpoint after setup: decide in on_fit_start.
+                self._stage1_missing = True
         for component in (*_STAGE1_COMPONENTS, "motion_module"):
             self._load_init(component)
 
@@ -656,8 +697,8 @@ class ValidationVideos(pl.Callback):
     """After each validation: ``num_videos`` clips of the validation set sampled with the module's sampling
     scheduler (DDIM by default) into ``out_dir/step_<step>_<i>_<clip>.mp4`` as
     ``reference | pose | generated | ground truth``; also logged to Weights & Biases when that logger is active.
-    Runs on global rank 0 and is skipped under sharded strategies (FSDP, DeepSpeed), where one rank cannot
-    run the models alone.
+    Runs on global rank 0 and is skipped where parameters are sharded (FSDP, DeepSpeed ZeRO-3): one rank cannot
+    run the models alone there.
     """
 
     def __init__(self, out_dir: str, num_videos: int = 2, num_frames: int = 16, num_inference_steps: int = 25,
@@ -669,9 +710,9 @@ class ValidationVideos(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.num_videos < 1:
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
-            log.warning("ValidationVideos: skipped under %s (one rank cannot run sharded models alone)", strategy)
+        if _shards_parameters(trainer):
+            log.warning("ValidationVideos: skipped under %s (one rank cannot run sharded models alone)",
+                        type(trainer.strategy).__name__)
             return
         datamodule = trainer.datamodule
         if not hasattr(datamodule, "preview_samples"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aniportrait.data.clip import ClipRecord, Manifest, load_landmarks, save_landmarks
-from aniportrait.data.sources import ClipSource, SyntheticSource
+from aniportrait.data.sources import ClipSource
 from aniportrait.data.video import read_video, write_video
 from aniportrait.data.video_frames import ResumableBatchLoader, VideoFrameDataModule
 from aniportrait.errors import AniPortraitError
@@ -21,9 +21,9 @@ TINY_CLIP = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width":
 
 
 @pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return SyntheticSource(root=str(tmp_path_factory.mktemp("synthetic")), identities=3, clips_per_identity=3,
-                           clip_seconds=1.5, size=64, progress=False).resolve()
+def synthetic_root(tiny_dataset: Path) -> Path:
+    """The session's tiny synthetic dataset (tests/conftest.py): 3 identities x 3 clips of 1.5 s at 64 px."""
+    return tiny_dataset
 
 
 def datamodule(root: Path, **settings) -> VideoFrameDataModule:
@@ -176,3 +176,14 @@ def test_preview_samples_give_uint8_material_for_sample_videos(synthetic_root):
         assert preview["frames"].shape == preview["pose_images"].shape == (10, 64, 64, 3)
         assert preview["reference_image"].dtype == np.uint8 and preview["reference_pose"].shape == (64, 64, 3)
         assert preview["fps"] == 30.0
+
+
+def test_workers_forked_after_the_main_process_read_clips_give_the_same_samples(synthetic_root):
+    """Validation previews read clips in the main process before training forks its workers: inherited decoders
+    must not be shared with (or destroyed in) the workers."""
+    dataset = datamodule(synthetic_root).datasets["train"]
+    in_main = [dataset[index]["pixel_values"] for index in range(6)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(6)), batch_size=1, num_workers=2,
+                                         multiprocessing_context="fork")
+    for expected, batch in zip(in_main, loader):
+        torch.testing.assert_close(batch["pixel_values"][0], expected)

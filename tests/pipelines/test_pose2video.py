@@ -8,7 +8,12 @@ import torch
 
 from aniportrait.errors import AniPortraitError
 from aniportrait.models.video_backbone import VideoModels, build_video_models
-from aniportrait.pipelines.pose2video import Pose2VideoPipeline, build_scheduler, context_windows, window_weights
+from aniportrait.pipelines.pose2video import (
+    Pose2VideoPipeline,
+    build_scheduler,
+    context_windows,
+    window_weights,
+)
 
 SIZE = 64
 

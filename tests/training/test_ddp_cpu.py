@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 # Dropout and SpecAugment draw their masks per process, so they are off here: the rest is deterministic.
 # SGD, because Adam divides each gradient by its own magnitude: for near-zero gradients that turns
 # float-rounding differences of the all-reduce into full-size update differences (a property of Adam).
-COMMON = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.05", "~model.optimizer.betas",
+COMMON = ["model=audio", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.05", "~model.optimizer.betas",
           "+model.optimizer.momentum=0.9", "data=synthetic_tiny", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
           "model.scheduler.warmup_steps=2", "backbone.audio.config.mask_time_prob=0.0", "model.audio2pose.dropout=0.0", "callbacks.previews=null",
           "trainer.limit_val_batches=1", "model.loader.eval_batch_size=2"]

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from aniportrait.bundle import Bundle
-from aniportrait.data.sources import SyntheticSource
+from aniportrait.data.sources import ClipSource
 from aniportrait.data.video_frames import VideoFrameDataModule
 from aniportrait.errors import AniPortraitError
 from aniportrait.pipelines.pose2video import Pose2VideoPipeline
@@ -23,14 +23,12 @@ FAST = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0e-3}, "eight_bit
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSource:
-    synthetic = SyntheticSource(root=str(tmp_path_factory.mktemp("synthetic")), identities=3, clips_per_identity=3,
-                                clip_seconds=1.5, size=64, progress=False)
-    synthetic.resolve()
-    return synthetic
+def source(tiny_dataset: Path) -> ClipSource:
+    """The session's tiny synthetic dataset (tests/conftest.py): 3 identities x 3 clips of 1.5 s at 64 px."""
+    return ClipSource(str(tiny_dataset))
 
 
-def datamodule(source: SyntheticSource, **settings) -> VideoFrameDataModule:
+def datamodule(source: ClipSource, **settings) -> VideoFrameDataModule:
     return VideoFrameDataModule(source, **{"width": 64, "height": 64, "clip_image_processor": TINY_CLIP,
                                            "num_workers": 0, "batch_size": 2, "eval_batch_size": 3,
                                            "samples_per_epoch": 400, **settings})
@@ -117,8 +115,14 @@ def test_resume_from_a_checkpoint_repeats_the_uninterrupted_losses(source, tmp_p
 
 
 def test_stage2_without_a_stage1_source_is_a_clear_error():
+    module = VideoStage2Module(TINY)
+    module.setup("fit")  # Lightning restores a resumed run's checkpoint after setup: the check waits for fit start
     with pytest.raises(AniPortraitError, match=r"model\.stage1 is not set: .*model\.stage1=PATH"):
-        VideoStage2Module(TINY).setup("fit")
+        module.on_fit_start()
+    resumed = VideoStage2Module(TINY)
+    resumed.setup("fit")
+    resumed.on_load_checkpoint({"aniportrait": {}})  # a stage-2 checkpoint holds the stage-1 weights
+    resumed.on_fit_start()
     with pytest.raises(AniPortraitError, match=r"model\.stage1=.*nowhere: no such file or folder"):
         VideoStage2Module(TINY, stage1="/nowhere").setup("fit")
 
@@ -202,3 +206,64 @@ def test_eight_bit_adam_is_an_explicit_choice(caplog):
         optimizer = VideoStage1Module(TINY, eight_bit_adam="auto").configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
     assert "eight_bit_adam=auto: using torch.optim.AdamW, not 8-bit AdamW, because bitsandbytes is not installed" in caplog.text
+
+
+def test_reference_dropout_trains_the_unconditional_branch_without_the_reference(source):
+    data = datamodule(source)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    for ratio, reference_trains in ((1.0, False), (0.0, True)):
+        module = VideoStage1Module(TINY, loss={"uncond_ratio": ratio})
+        module.training_step(batch, 0).backward()
+        module.on_train_batch_end(None, batch, 0)
+        gradients = [param.grad for param in module.reference_unet.parameters() if param.requires_grad]
+        assert any(grad is not None and grad.abs().sum() > 0 for grad in gradients) == reference_trains
+        assert module.pose_guider.final_proj.weight.grad is not None  # the pose path trains either way
+        assert not module.reference_control.bank
+
+
+def test_video_configs_compose_and_build(source, tmp_path):
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    overrides = ["~experiment", f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for model, module_class in (("video_stage1", VideoStage1Module), ("video_stage2", VideoStage2Module)):
+            cfg = compose(config_name="train", overrides=[f"model={model}", "backbone=tiny", *overrides])
+            settings = OmegaConf.to_container(cfg.model, resolve=True)
+            loader = settings.pop("loader")
+            module = hydra.utils.instantiate(settings, _recursive_=False)
+            assert type(module) is module_class and module.hparams.backbone["kind"] == "tiny"
+            data = hydra.utils.instantiate(loader, source=source)
+            assert data.frame_settings.width == 64 and data.clip_image_processor.crop_size["height"] == 32
+            assert module.sampling["scheduler"]["beta_schedule"] == "linear"
+            assert module.noise_scheduler.config.beta_schedule == "scaled_linear"
+        sd15 = compose(config_name="train", overrides=["model=video_stage2", "backbone=sd15", *overrides])
+        assert sd15.model.loader.width == 512 and sd15.model.backbone.kind == "sd15"
+        assert OmegaConf.to_container(sd15.model.loader.clip_image_processor) == {}
+
+
+def test_a_samples_randomness_does_not_depend_on_how_samples_are_batched(source):
+    """What DDP relies on: two ranks holding halves of a batch compute what one process holding all of it does."""
+    data = datamodule(source, batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module = VideoStage1Module(TINY, loss={"uncond_per_sample": True, "uncond_ratio": 0.5})
+    module.pose_guider.eval()  # BatchNorm statistics are per batch (DDP: trainer.sync_batchnorm)
+    halves = [{key: value[part] for key, value in batch.items()} for part in (slice(0, 2), slice(2, 4))]
+    with torch.no_grad():
+        whole = module._diffusion_loss(batch, stream=0, allow_uncond=True)
+        split = torch.stack([module._diffusion_loss(half, stream=0, allow_uncond=True) for half in halves]).mean()
+    torch.testing.assert_close(whole, split)
+
+
+def test_stage1_under_ddp_must_expect_unused_parameters():
+    """Reference-dropout steps skip the ReferenceNet: plain DDP would fail at the first one, hours in."""
+    module = VideoStage1Module(TINY)
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+    with pytest.raises(AniPortraitError, match="trainer.strategy=ddp_find_unused_parameters_true"):
+        module.setup("fit")
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp_find_unused_parameters_true", logger=False)
+    module.setup("fit")

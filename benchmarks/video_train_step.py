@@ -1,0 +1,187 @@
+"""Stage-B training step speed and memory with the full SD-1.5 architecture (random init, no downloads).
+
+Stage 1: batch 4 single frames at 512x512 (ReferenceNet + denoising UNet 2-D + PoseGuider train).
+Stage 2: batch 1 x 16 frames at 512x512 (motion modules train). Each in bf16 mixed precision, without and with
+gradient checkpointing, through the real LightningModules and a Lightning Trainer (gradient clipping 1.0 as the
+recipe; the optimizer is what ``model.eight_bit_adam`` decides, recorded in the results). The step time is the
+median over the repeats after warm-up, measured with CUDA events from batch start to batch end (forward, backward,
+optimizer); the peak memory is ``torch.cuda.max_memory_allocated`` over the run. Inputs are fixed random tensors
+(loader speed is benchmarks/loader_speed.py). An out-of-memory run is recorded as such. Writes
+benchmarks/results/video_train_step.json.
+
+    python benchmarks/video_train_step.py                  # GPU: SD-1.5 shapes (writes a random backbone once)
+    python benchmarks/video_train_step.py --tiny           # CPU smoke test: tiny backbone at 64x64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from video_bench_setup import random_sd15_backbone
+
+from aniportrait.training.video import VideoStage1Module, VideoStage2Module
+
+RESULTS = Path(__file__).parent / "results" / "video_train_step.json"
+
+
+class FixedSamples(Dataset):
+    """The same random training sample at every index (the layout VideoFrameDataset produces)."""
+
+    def __init__(self, frames: int, size: int, clip_size: int):
+        generator = torch.Generator().manual_seed(0)
+        self.sample = {
+            "pixel_values": torch.rand(frames, 3, size, size, generator=generator) * 2 - 1,
+            "pose_images": torch.rand(frames, 3, size, size, generator=generator) * 2 - 1,
+            "reference_image": torch.rand(3, size, size, generator=generator) * 2 - 1,
+            "reference_pose": torch.rand(3, size, size, generator=generator) * 2 - 1,
+            "clip_image": torch.randn(3, clip_size, clip_size, generator=generator),
+        }
+
+    def __len__(self) -> int:
+        return 10**6
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {**self.sample, "sample_index": torch.tensor(index)}
+
+
+class StepTimer(pl.Callback):
+    """Step times from batch start to batch end: CUDA events on GPU, wall clock on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks: list[Any] = []
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.marks.append([self._mark(), None])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.marks[-1][1] = self._mark()
+
+    def seconds(self) -> list[float]:
+        if not self.cuda:
+            return [end - start for start, end in self.marks]
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1000 for start, end in self.marks]
+
+
+def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, clip_size: int, checkpointing: bool,
+        args: argparse.Namespace) -> dict[str, Any]:
+    cuda = args.device == "cuda"
+    for unet in (module.reference_unet, module.denoising_unet):
+        (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
+    loader = DataLoader(FixedSamples(frames, size, clip_size), batch_size=batch_size, num_workers=2,
+                        pin_memory=cuda, persistent_workers=True)
+    timer = StepTimer(cuda)
+    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision=args.precision,
+                         max_steps=args.warmup + args.repeats, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer])
+    result: dict[str, Any] = {"stage": module.stage, "batch_size": batch_size, "frames": frames, "size": size,
+                              "gradient_checkpointing": checkpointing, "precision": args.precision}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    except torch.cuda.OutOfMemoryError as error:
+        result.update(status="out of memory", error=str(error).splitlines()[0])
+    else:
+        seconds = timer.seconds()[args.warmup:]
+        median = statistics.median(seconds)
+        optimizer = trainer.optimizers[0]
+        result.update(status="ok", step_seconds_median=round(median, 4), step_seconds_min=round(min(seconds), 4),
+                      samples_per_s=round(batch_size / median, 2), frames_per_s=round(batch_size * frames / median, 2),
+                      optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}", repeats=len(seconds))
+    if cuda:
+        result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+    module.reference_control.clear()
+    module.zero_grad(set_to_none=True)  # an out-of-memory step may leave gradients behind
+    module.trainer = None  # drop the trainer (and its optimizer state) before the next run
+    del trainer, loader
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny backbone at 64x64 on the CPU (smoke test)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda unless --tiny")
+    parser.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--stage1-batch", type=int, default=4)
+    parser.add_argument("--stage2-batch", type=int, default=1)
+    parser.add_argument("--stage2-frames", type=int, default=16)
+    parser.add_argument("--eight-bit-adam", default="auto", choices=["auto", "true", "false"])
+    parser.add_argument("--backbone-dir", type=Path, default=Path("/tmp/aniportrait-random-sd15"),
+                        help="where the random SD-1.5-shaped backbone is written (reused when present)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    if args.tiny:
+        args.stage2_frames = min(args.stage2_frames, 4)
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    started = time.perf_counter()
+    if args.tiny:
+        backbone = {"kind": "tiny", "seed": 0}
+        size, clip_size = 64, 32
+    else:
+        backbone = random_sd15_backbone(args.backbone_dir)
+        size, clip_size = 512, 224
+    eight_bit = {"auto": "auto", "true": True, "false": False}[args.eight_bit_adam]
+    settings = {"eight_bit_adam": eight_bit, "scheduler": None}
+    results = []
+    stage1 = VideoStage1Module(backbone, **settings)
+    for checkpointing in (False, True):
+        results.append(run(stage1, 1, args.stage1_batch, size, clip_size, checkpointing, args))
+    stage2 = VideoStage2Module(backbone, **settings)
+    stage2.load_stage1_from_module(stage1)
+    del stage1
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    for checkpointing in (False, True):
+        results.append(run(stage2, args.stage2_frames, args.stage2_batch, size, clip_size, checkpointing, args))
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    output = {
+        "benchmark": "stage-B training step, full SD-1.5 architecture (random init)" if not args.tiny
+        else "stage-B training step, tiny backbone (smoke test)",
+        "device": device_name,
+        "torch": torch.__version__,
+        "results": results,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(output, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The main job: `python train.py` trains every stage and exports one bundle (here with debug=fast)."""
+
+import pytest
+from conftest import run_cli
+
+from aniportrait.bundle import Bundle
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_default_run_trains_both_stages_into_one_bundle(tiny_dataset, tmp_path):
+    env = {"ANIPORTRAIT_DATA": str(tiny_dataset.parent), "ANIPORTRAIT_LOGS": str(tmp_path / "logs")}
+    result = run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("bundle: ")
+    bundle = Bundle.open(last.removeprefix("bundle: "))
+    assert bundle.has("audio2mesh", "audio2pose", "reference_unet", "denoising_unet", "pose_guider", "motion_module")
+    assert {"audio", "video"} <= set(bundle.settings)
+    assert bundle.settings["video"]["stage"] == 2
+    run_dir = bundle.path.parent
+    for stage in ("audio", "video_stage1", "video_stage2"):
+        assert (run_dir / "checkpoints" / stage / "last.ckpt").is_file(), stage
+        assert f"| {stage}/val/" in result.stdout
+    assert list((run_dir / "samples").glob("*.mp4"))  # stage-B validation videos
