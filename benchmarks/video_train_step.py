@@ -82,20 +82,78 @@ class StepTimer(pl.Callback):
         return [start.elapsed_time(end) / 1000 for start, end in self.marks]
 
 
+class StepAnalysis(pl.Callback):
+    """On two warm-up steps (never timed): the FLOPs of one step (torch.utils.flop_counter, forward + backward)
+    and the CUDA kernels it launches (torch.profiler), with the ops that take most GPU time."""
+
+    def __init__(self, flops_step: int | None, profile_step: int | None):
+        self.flops_step, self.profile_step = flops_step, profile_step
+        self.flops: int | None = None
+        self.kernels: dict[str, Any] | None = None
+        self._mode = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.flops_step:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._mode = FlopCounterMode(display=False)
+            self._mode.__enter__()
+        elif batch_idx == self.profile_step:
+            self._mode = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                            torch.profiler.ProfilerActivity.CUDA])
+            self._mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._mode is None:
+            return
+        mode, self._mode = self._mode, None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        mode.__exit__(None, None, None)
+        if batch_idx == self.flops_step:
+            self.flops = int(mode.get_total_flops())
+        else:
+            events = [e for e in mode.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            table = mode.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+            self.kernels = {"kernels_per_step": len(events),
+                            "gpu_busy_ms": round(sum(e.device_time for e in events) / 1000, 1),
+                            "top_ops": table.splitlines()}
+
+
+def matmul_ceiling(device: str) -> float | None:
+    """Measured bf16 matrix-product rate (TFLOP/s) of this GPU: 8192^3, median of 10 after warm-up."""
+    if device != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for index in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if index >= 3:
+            times.append(start.elapsed_time(end) / 1000)
+    return round(2 * 8192**3 / statistics.median(times) / 1e12, 1)
+
+
 def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, clip_size: int, checkpointing: bool,
-        args: argparse.Namespace) -> dict[str, Any]:
+        args: argparse.Namespace, variant: str = "plain") -> dict[str, Any]:
     cuda = args.device == "cuda"
     for unet in (module.reference_unet, module.denoising_unet):
         (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
     loader = DataLoader(FixedSamples(frames, size, clip_size), batch_size=batch_size, num_workers=2,
                         pin_memory=cuda, persistent_workers=True)
     timer = StepTimer(cuda)
+    analysis = StepAnalysis(flops_step=args.warmup - 2 if args.flops else None,
+                            profile_step=args.warmup - 1 if args.profile else None)
     trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision=args.precision,
                          max_steps=args.warmup + args.repeats, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer])
-    result: dict[str, Any] = {"stage": module.stage, "batch_size": batch_size, "frames": frames, "size": size,
-                              "gradient_checkpointing": checkpointing, "precision": args.precision}
+                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer, analysis])
+    result: dict[str, Any] = {"variant": variant, "stage": module.stage, "batch_size": batch_size, "frames": frames,
+                              "size": size, "gradient_checkpointing": checkpointing, "precision": args.precision,
+                              "performance": dict(module.performance)}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -108,7 +166,15 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
         optimizer = trainer.optimizers[0]
         result.update(status="ok", step_seconds_median=round(median, 4), step_seconds_min=round(min(seconds), 4),
                       samples_per_s=round(batch_size / median, 2), frames_per_s=round(batch_size * frames / median, 2),
-                      optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}", repeats=len(seconds))
+                      optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}", repeats=len(seconds),
+                      compile_and_warmup_seconds=round(sum(timer.seconds()[:args.warmup]), 1))
+        if analysis.flops:
+            result.update(tflop_per_step=round(analysis.flops / 1e12, 3),
+                          achieved_tflops=round(analysis.flops / median / 1e12, 1))
+            if args.ceiling:
+                result["mfu"] = round(analysis.flops / median / 1e12 / args.ceiling, 3)
+        if analysis.kernels:
+            result.update(analysis.kernels)
     if cuda:
         result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
@@ -123,17 +189,45 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
     return result
 
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "channels_last": {"performance": {"channels_last": True}},
+    "fused_adamw": {"fused": True},
+    "compiled": {"performance": {"compile": {}}},
+    "fast": {"performance": {"channels_last": True, "compile": {}}, "fused": True},
+}
+
+
+def build(stage: int, backbone: dict, variant: str, stage1: VideoStage1Module | None, eight_bit) -> pl.LightningModule:
+    spec = VARIANTS[variant]
+    optimizer = {"_target_": "torch.optim.AdamW", "lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 1e-2, "eps": 1e-8}
+    if spec.get("fused"):
+        optimizer["fused"] = True
+    settings = {"eight_bit_adam": False if spec.get("fused") else eight_bit, "scheduler": None, "optimizer": optimizer,
+                "performance": spec.get("performance")}
+    if stage == 1:
+        return VideoStage1Module(backbone, **settings)
+    module = VideoStage2Module(backbone, **settings)
+    module.load_stage1_from_module(stage1)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone at 64x64 on the CPU (smoke test)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda unless --tiny")
     parser.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--stage1-batch", type=int, default=4)
     parser.add_argument("--stage2-batch", type=int, default=1)
     parser.add_argument("--stage2-frames", type=int, default=16)
+    parser.add_argument("--stages", default="1,2", help="which stages to time, e.g. 1 or 1,2")
+    parser.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to time: off,on")
+    parser.add_argument("--variants", default="plain", help=f"comma list of {sorted(VARIANTS)} (model.performance etc.)")
+    parser.add_argument("--flops", action="store_true", help="count one step's FLOPs (MFU against the measured ceiling)")
+    parser.add_argument("--profile", action="store_true", help="count one step's CUDA kernels (torch.profiler)")
     parser.add_argument("--eight-bit-adam", default="auto", choices=["auto", "true", "false"])
     parser.add_argument("--backbone-dir", type=Path, default=Path("/tmp/aniportrait-random-sd15"),
                         help="where the random SD-1.5-shaped backbone is written (reused when present)")
@@ -143,7 +237,7 @@ def main() -> None:
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     if args.tiny:
         args.stage2_frames = min(args.stage2_frames, 4)
-        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
+        args.warmup, args.repeats = min(args.warmup, 3), min(args.repeats, 2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     started = time.perf_counter()
@@ -153,33 +247,38 @@ def main() -> None:
     else:
         backbone = random_sd15_backbone(args.backbone_dir)
         size, clip_size = 512, 224
+    args.ceiling = matmul_ceiling(args.device)
     eight_bit = {"auto": "auto", "true": True, "false": False}[args.eight_bit_adam]
-    settings = {"eight_bit_adam": eight_bit, "scheduler": None}
-    results = []
-    stage1 = VideoStage1Module(backbone, **settings)
-    for checkpointing in (False, True):
-        results.append(run(stage1, 1, args.stage1_batch, size, clip_size, checkpointing, args))
-    stage2 = VideoStage2Module(backbone, **settings)
-    stage2.load_stage1_from_module(stage1)
-    del stage1
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-    for checkpointing in (False, True):
-        results.append(run(stage2, args.stage2_frames, args.stage2_batch, size, clip_size, checkpointing, args))
-
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    stages = [int(x) for x in args.stages.split(",")]
+    checkpointing = [{"off": False, "on": True}[x] for x in args.checkpointing.split(",")]
     output = {
         "benchmark": "stage-B training step, full SD-1.5 architecture (random init)" if not args.tiny
         else "stage-B training step, tiny backbone (smoke test)",
-        "device": device_name,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
-        "results": results,
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "matmul_ceiling_bf16_tflops": args.ceiling,
+        "results": [],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(output, indent=1) + "\n")
+    stage1_plain = None
+    for variant in args.variants.split(","):
+        for stage in stages:
+            if stage == 2 and stage1_plain is None:
+                stage1_plain = build(1, backbone, "plain", None, eight_bit)
+            module = build(stage, backbone, variant, stage1_plain, eight_bit)
+            if stage == 1 and variant == "plain":
+                stage1_plain = module
+            for checkpoint in checkpointing:
+                frames, batch = (1, args.stage1_batch) if stage == 1 else (args.stage2_frames, args.stage2_batch)
+                output["results"].append(run(module, frames, batch, size, clip_size, checkpoint, args, variant))
+                output["total_seconds"] = round(time.perf_counter() - started, 1)
+                args.out.write_text(json.dumps(output, indent=1) + "\n")  # every finished run is kept
+            if module is not stage1_plain:
+                del module
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
     print(f"wrote {args.out}")
 
 

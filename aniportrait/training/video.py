@@ -89,6 +89,8 @@ OFFICIAL_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "lr": 1.0
 DEFAULT_SAMPLING: dict[str, Any] = {"scheduler": INFERENCE_V2_SCHEDULER, "num_inference_steps": 25,
                                     "guidance_scale": 3.5, "context_frames": 16, "context_overlap": 4}
 _EMA_DEFAULTS: dict[str, Any] = {"decay": None, "export": True}
+# model.performance: off by default (the plain path); see _apply_performance_settings and benchmarks/README.md.
+_PERFORMANCE_DEFAULTS: dict[str, Any] = {"channels_last": False, "compile": None}
 _STAGE1_COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
 _UNCOND_CLIP = ("zero_image", "zero_embedding")
 
@@ -167,6 +169,7 @@ class _VideoDiffusionModule(pl.LightningModule):
                                    f"{_UNCOND_CLIP}")
         self.sampling = _settings("sampling", hp.sampling, DEFAULT_SAMPLING)
         self.ema_settings = _settings("ema", hp.ema, _EMA_DEFAULTS)
+        self.performance = _settings("performance", hp.get("performance"), _PERFORMANCE_DEFAULTS)
         self.init_sources = dict(hp.init or {})
         self.noise_scheduler = build_scheduler(hp.noise_scheduler or OFFICIAL_TRAIN_NOISE_SCHEDULER)
         self.prediction_type = self.noise_scheduler.config.prediction_type
@@ -195,6 +198,7 @@ class _VideoDiffusionModule(pl.LightningModule):
         self.ema = ParameterEMA(decay) if decay else None
         self.data_settings: dict[str, Any] = {}  # from the datamodule: fps, size, frames, pose scaling
         self._weights_initialised = False
+        self._performance_applied = False
         self._ema_step = -1
         self.last_validated_step = -1
         self.train()  # frozen modules to eval mode (Lightning restores per-module modes after validation)
@@ -232,6 +236,24 @@ class _VideoDiffusionModule(pl.LightningModule):
         if stage == "fit" and not self._weights_initialised:
             self._initialise_weights()
         self._weights_initialised = True
+        self._apply_performance_settings()
+
+    def _apply_performance_settings(self) -> None:
+        """``model.performance``: channels-last convolution weights (tensor-core friendly NHWC kernels) and
+        ``torch.compile`` of the trained networks (fewer, fused kernels: the step is launch-bound). Both compute
+        the same function as the plain path (tests/training/test_video_performance.py)."""
+        if self._performance_applied:
+            return
+        self._performance_applied = True
+        trained = (self.reference_unet, self.denoising_unet, self.pose_guider)
+        if self.performance["channels_last"]:
+            for module in (*trained, self.frozen.vae):
+                module.to(memory_format=torch.channels_last)
+        options = self.performance["compile"]
+        if options:
+            options = {} if options is True else dict(options)
+            for module in trained:
+                module.compile(**options)
 
     def _check_strategy(self) -> None:
         """Stage 1 skips the ReferenceNet on reference-dropout steps (as official): DDP must expect unused parameters,
@@ -562,13 +584,14 @@ class VideoStage1Module(_VideoDiffusionModule):
         sampling: Mapping[str, Any] | None = None,
         callbacks: Mapping[str, Any] | None = None,
         seed: int = 0,
+        performance: Mapping[str, Any] | None = None,
     ):
         super().__init__({
             "backbone": backbone, "pose_guider": pose_guider, "noise_scheduler": noise_scheduler, "loss": loss,
             "optimizer": optimizer, "eight_bit_adam": eight_bit_adam, "scheduler": scheduler,
             "gradient_checkpointing": gradient_checkpointing, "reference_unet_frozen": list(_plain(reference_unet_frozen)),
             "vae_batch_size": vae_batch_size, "ema": ema, "init": init, "sampling": sampling, "callbacks": callbacks,
-            "seed": seed,
+            "seed": seed, "performance": performance,
         })
 
     def _set_trainable(self) -> None:
@@ -617,12 +640,14 @@ class VideoStage2Module(_VideoDiffusionModule):
         sampling: Mapping[str, Any] | None = None,
         callbacks: Mapping[str, Any] | None = None,
         seed: int = 0,
+        performance: Mapping[str, Any] | None = None,
     ):
         super().__init__({
             "backbone": backbone, "stage1": stage1, "pose_guider": pose_guider, "motion_module": motion_module,
             "noise_scheduler": noise_scheduler, "loss": loss, "optimizer": optimizer, "eight_bit_adam": eight_bit_adam,
             "scheduler": scheduler, "gradient_checkpointing": gradient_checkpointing, "vae_batch_size": vae_batch_size,
             "ema": ema, "init": init, "sampling": sampling, "callbacks": callbacks, "seed": seed,
+            "performance": performance,
         })
         self._stage1_loaded = False
 
