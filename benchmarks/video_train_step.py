@@ -194,12 +194,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "channels_last": {"performance": {"channels_last": True}},
     "fused_adamw": {"fused": True},
     "compiled": {"performance": {"compile": {}}},
-    "fast": {"performance": {"channels_last": True, "compile": {}}, "fused": True},
+    "fast": {"performance": {"channels_last": True, "compile": {}}, "fused": True, "cudnn_benchmark": True},
+    "fast_cudagraphs": {"performance": {"channels_last": True, "compile": {"mode": "reduce-overhead"}}, "fused": True,
+                        "cudnn_benchmark": True},
 }
 
 
 def build(stage: int, backbone: dict, variant: str, stage1: VideoStage1Module | None, eight_bit) -> pl.LightningModule:
     spec = VARIANTS[variant]
+    torch.backends.cudnn.benchmark = bool(spec.get("cudnn_benchmark"))  # autotuned convolution algorithms
     optimizer = {"_target_": "torch.optim.AdamW", "lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 1e-2, "eps": 1e-8}
     if spec.get("fused"):
         optimizer["fused"] = True

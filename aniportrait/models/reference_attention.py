@@ -55,15 +55,21 @@ def self_attention_paths(unet: nn.Module) -> list[str]:
     return paths
 
 
+def _heads(attn: Attention, tokens: torch.Tensor) -> torch.Tensor:
+    """(n, L, heads * d) -> (n, heads, L, d)."""
+    return tokens.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+
+def _sdpa(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Projected (n, L, C) queries, keys and values -> the layer's output (n, L, C)."""
+    out = F.scaled_dot_product_attention(_heads(attn, query), _heads(attn, key), _heads(attn, value), scale=attn.scale)
+    out = out.transpose(1, 2).flatten(2).to(query.dtype)  # (n, L, heads * d)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 def _attend(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """``attn``'s projections and SDPA: queries from ``hidden_states`` (n, L, C), keys/values from ``context``."""
-    batch = hidden_states.shape[0]
-    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    head_dim = query.shape[-1] // attn.heads
-    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)  # (n, heads, L, head_dim)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-    return attn.to_out[1](attn.to_out[0](out))
+    return _sdpa(attn, attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
 
 
 def _refuse_mask(path: str, attention_mask: torch.Tensor | None) -> None:
@@ -75,6 +81,7 @@ def _refuse_mask(path: str, attention_mask: torch.Tensor | None) -> None:
 class _ReadState:
     num_frames: int
     uncond_mask: torch.Tensor | None  # (b,) bool on the CPU (no device sync), True = own tokens only
+    cache_projections: bool = False  # keep the reference keys/values between calls (bank and weights fixed)
 
 
 class ReferenceWriterProcessor:
@@ -93,7 +100,14 @@ class ReferenceWriterProcessor:
 
 
 class ReferenceReaderProcessor:
-    """Self-attention whose keys/values are the block's own tokens plus the bank's, while the control reads."""
+    """Self-attention whose keys/values are the block's own tokens plus the bank's, while the control reads.
+
+    Keys and values are linear in the tokens, so the reference tokens are projected once per reference (not
+    once per frame that repeats them) and joined with the projections of the block's own tokens: the same
+    attention as projecting ``cat([own, reference])``. A ``[uncond; cond]`` batch is split by slicing, without
+    a device synchronisation. With ``read(cache_projections=True)`` (inference: the bank and the weights stay
+    fixed over the denoising steps) the reference projections are computed once per ``read``.
+    """
 
     def __init__(self, control: ReferenceAttentionControl, path: str):
         self.control = control
@@ -106,29 +120,57 @@ class ReferenceReaderProcessor:
         if state is None:
             return _attend(attn, hidden_states, hidden_states)
         rows = hidden_states.shape[0]  # b f
-        reference = self._reference_tokens(rows, state.num_frames).to(hidden_states.dtype)  # (b f, L_ref, C)
         uncond = self._uncond_rows(state, rows)  # (b f,) bool on the CPU, or None
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        reference_key, reference_value = self._reference_projections(attn, state, hidden_states.dtype)
         if uncond is None or not uncond.any():
-            return _attend(attn, hidden_states, torch.cat([hidden_states, reference], dim=1))
+            return self._with_reference(attn, query, key, value, reference_key, reference_value, state, slice(0, rows),
+                                        rows)
+        split = int(uncond.sum())
+        if bool(uncond[:split].all()):  # the usual [uncond; cond] layout: slice, no gather
+            own = _sdpa(attn, query[:split], key[:split], value[:split])
+            if split == rows:
+                return own
+            referenced = self._with_reference(attn, query[split:], key[split:], value[split:], reference_key,
+                                              reference_value, state, slice(split, rows), rows)
+            return torch.cat([own, referenced])
         out = torch.empty_like(hidden_states)
-        own = uncond.to(hidden_states.device)
-        out[own] = _attend(attn, hidden_states[own], hidden_states[own])
-        if not uncond.all():
-            referenced = ~own
-            out[referenced] = _attend(attn, hidden_states[referenced],
-                                      torch.cat([hidden_states[referenced], reference[referenced]], dim=1))
+        own_rows = uncond.to(hidden_states.device)
+        out[own_rows] = _sdpa(attn, query[own_rows], key[own_rows], value[own_rows])
+        referenced_rows = (~uncond).nonzero().flatten()
+        for row in referenced_rows.tolist():  # rare layouts only: interleaved conditional rows
+            out[row : row + 1] = self._with_reference(attn, query[row : row + 1], key[row : row + 1],
+                                                      value[row : row + 1], reference_key, reference_value, state,
+                                                      slice(row, row + 1), rows)
         return out
 
-    def _reference_tokens(self, rows: int, num_frames: int) -> torch.Tensor:
-        bank = self.control.bank[self.path]  # (b_ref, L_ref, C)
-        if bank.shape[0] * num_frames == rows:  # each sample's reference repeated over its frames: (b f)
-            return bank.repeat_interleave(num_frames, dim=0)
-        if bank.shape[0] == 1:  # one reference shared by the whole batch
-            return bank.expand(rows, -1, -1)
+    def _reference_projections(self, attn: Attention, state: _ReadState, dtype: torch.dtype):
+        cache = self.control.projection_cache if state.cache_projections else None
+        if cache is not None and self.path in cache:
+            return cache[self.path]
+        bank = self.control.bank[self.path].to(dtype)  # (b_ref, L_ref, C)
+        projections = (attn.to_k(bank), attn.to_v(bank))
+        if cache is not None:
+            cache[self.path] = projections
+        return projections
+
+    def _with_reference(self, attn: Attention, query, key, value, reference_key, reference_value,
+                        state: _ReadState, rows: slice, total_rows: int) -> torch.Tensor:
+        """Attention of ``rows`` (of ``total_rows``) over their own keys/values and their reference's."""
+        reference_key = self._reference_rows(reference_key, rows, state.num_frames, total_rows)
+        reference_value = self._reference_rows(reference_value, rows, state.num_frames, total_rows)
+        return _sdpa(attn, query, torch.cat([key, reference_key], dim=1), torch.cat([value, reference_value], dim=1))
+
+    def _reference_rows(self, projected: torch.Tensor, rows: slice, num_frames: int, total: int) -> torch.Tensor:
+        """The reference projections (b_ref, L_ref, C) for batch rows ``rows`` (each sample's over its frames)."""
+        if projected.shape[0] == 1:  # one reference shared by the whole batch
+            return projected.expand(rows.stop - rows.start, -1, -1)
+        if projected.shape[0] * num_frames == total:
+            return projected.repeat_interleave(num_frames, dim=0)[rows]
         raise AniPortraitError(
-            f"{self.path}: the denoising UNet has {rows} rows (batch x {num_frames} frames) but the bank holds "
-            f"{bank.shape[0]} reference samples: run the ReferenceNet on one reference per sample (or one in all), "
-            "and pass read(num_frames=...) the frames per sample"
+            f"{self.path}: the denoising UNet has {total} rows (batch x {num_frames} frames) but the bank holds "
+            f"{projected.shape[0]} reference samples: run the ReferenceNet on one reference per sample (or one in "
+            "all), and pass read(num_frames=...) the frames per sample"
         )
 
     def _uncond_rows(self, state: _ReadState, rows: int) -> torch.Tensor | None:
@@ -161,6 +203,7 @@ class ReferenceAttentionControl:
             )
         self.paths: tuple[str, ...] = tuple(writer_paths)
         self.bank: dict[str, torch.Tensor] = {}
+        self.projection_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.writing = False
         self.read_state: _ReadState | None = None
         self._processors: list[tuple[Attention, object]] = []
@@ -185,15 +228,19 @@ class ReferenceAttentionControl:
         """Empty the bank and store the self-attention tokens of the next ReferenceNet forward."""
         self._check_installed()
         self.bank.clear()
+        self.projection_cache.clear()
         self.writing = True
         self.read_state = None
 
-    def read(self, num_frames: int, uncond_mask: torch.Tensor | None = None) -> None:
+    def read(self, num_frames: int, uncond_mask: torch.Tensor | None = None, cache_projections: bool = False) -> None:
         """Make the denoising UNet attend to the bank.
 
         num_frames: frames per sample in the denoising batch (1 for single images). uncond_mask: (b,) bool
         over the denoising samples, True where the sample is unconditional (CFG): those attend to their
         own tokens only. For a ``[uncond; cond]`` batch of 2n samples that is ``[True] * n + [False] * n``.
+        cache_projections: keep the reference keys/values between UNet calls (inference, where neither the bank nor
+        the weights change between denoising steps); never while training. The cache lives until the next
+        write() or clear().
         """
         self._check_installed()
         absent = [path for path in self.paths if path not in self.bank]
@@ -205,11 +252,13 @@ class ReferenceAttentionControl:
         if uncond_mask is not None:
             uncond_mask = torch.as_tensor(uncond_mask, dtype=torch.bool).reshape(-1).cpu()
         self.writing = False
-        self.read_state = _ReadState(num_frames=int(num_frames), uncond_mask=uncond_mask)
+        self.read_state = _ReadState(num_frames=int(num_frames), uncond_mask=uncond_mask,
+                                     cache_projections=bool(cache_projections))
 
     def clear(self) -> None:
         """Drop the bank; both UNets compute ordinary self-attention until the next write()/read()."""
         self.bank.clear()
+        self.projection_cache.clear()
         self.writing = False
         self.read_state = None
 

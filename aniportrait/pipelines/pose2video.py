@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -87,11 +88,23 @@ def build_scheduler(config: Mapping[str, Any] | None = None) -> SchedulerMixin:
     return scheduler
 
 
-def context_windows(num_frames: int, context_frames: int = 16, context_overlap: int = 4) -> list[slice]:
-    """Windows of ``min(context_frames, num_frames)`` frames covering ``range(num_frames)``, neighbours sharing
-    ``context_overlap`` frames (more for the last, which ends at the last frame)."""
+def context_windows(num_frames: int, context_frames: int | str = 16, context_overlap: int = 4,
+                    max_frames: int = 32) -> list[slice]:
+    """Windows covering ``range(num_frames)``, neighbours sharing ``context_overlap`` frames (more for the last,
+    which ends at the last frame).
+
+    ``context_frames`` is the window length, or ``"auto"``: the fewest windows of at most ``max_frames`` (the
+    motion modules' position limit) with at least ``context_overlap`` shared frames, made as short as that
+    allows, so overlaps are no larger than blending needs (48 frames: 2 windows of 26 instead of 4 of 16).
+    """
     if num_frames < 1:
         raise AniPortraitError("pose-to-video needs at least one pose image")
+    if context_frames == "auto":
+        if not 0 <= context_overlap < max_frames:
+            raise AniPortraitError(f"context_overlap={context_overlap}: need 0 <= context_overlap < {max_frames}")
+        count = max(1, math.ceil((num_frames - context_overlap) / (max_frames - context_overlap)))
+        context_frames = min(num_frames, math.ceil((num_frames + (count - 1) * context_overlap) / count))
+    context_frames = int(context_frames)
     if context_frames < 1 or not 0 <= context_overlap < context_frames:
         raise AniPortraitError(f"context_frames={context_frames}, context_overlap={context_overlap}: need "
                                "context_frames >= 1 and 0 <= context_overlap < context_frames")
@@ -214,6 +227,19 @@ class Pose2VideoPipeline:
         device = torch.device(device)
         return pipeline.to(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
 
+    def optimize(self, channels_last: bool = False, compile: Mapping[str, Any] | bool | None = None) -> Pose2VideoPipeline:
+        """Speed switches that keep the function (benchmarks/README.md): channels-last convolution weights
+        (NHWC tensor-core kernels without layout conversions) and ``torch.compile`` of the denoising UNet and
+        the VAE decoder (fused kernels, fewer launches; ``{"mode": "reduce-overhead"}`` adds CUDA graphs)."""
+        if channels_last:
+            for module in (self.vae, self.reference_unet, self.denoising_unet, self.pose_guider):
+                module.to(memory_format=torch.channels_last)
+        if compile:
+            options = {} if compile is True else dict(compile)
+            self.denoising_unet.compile(**options)
+            self.vae.decoder.compile(**options)
+        return self
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Pose2VideoPipeline:
         for module in (self.vae, self.image_encoder, self.reference_unet, self.denoising_unet, self.pose_guider):
             module.to(device=device)
@@ -268,6 +294,7 @@ class Pose2VideoPipeline:
         decode_batch_size: int = 8,
         eta: float = 0.0,
         cache_pose_features: bool = True,
+        window_batch: int = 1,
     ) -> np.ndarray:
         """Generate one frame per pose image.
 
@@ -276,6 +303,9 @@ class Pose2VideoPipeline:
         output size, multiples of 8 (default: the pose images'); inputs are resized to it.
         guidance_scale == 1 skips the unconditional pass. cache_pose_features: keep the PoseGuider's features of
         every window for all steps (about 4 MB per frame at 512 x 512 in bf16) instead of recomputing them.
+        context_frames: the window length, or "auto" (the fewest windows of at most 32 frames; see context_windows).
+        window_batch: windows denoised together in one UNet call (with both guidance halves): the same
+        computation in fewer, larger launches (1: one window per call).
         Returns (T, height, width, 3) uint8.
         """
         reference_image = self._check_image("reference_image", reference_image, 3)
@@ -311,24 +341,31 @@ class Pose2VideoPipeline:
             return self.pose_guider(pose[:, :, window], reference_pose_tensor)  # 5 x (1, C, n, h, w)
 
         cached = [features(window) for window in windows] if cache_pose_features else None
+        groups = self._window_groups(windows, window_batch)
         try:
-            self._write_reference(reference_image, embeds[-1:], windows[0].stop - windows[0].start, guided)
+            self._write_reference(reference_image, embeds[-1:])
             for timestep in tqdm(self.scheduler.timesteps, desc="denoising", disable=not progress):
                 noise_pred = torch.zeros_like(latents)
-                for index, window in enumerate(windows):
-                    model_input = latents[:, :, window]
-                    model_input = torch.cat([model_input, model_input]) if guided else model_input
-                    model_input = self.scheduler.scale_model_input(model_input, timestep)
-                    pose_features = cached[index] if cached else features(window)
-                    if guided:  # both halves see the same poses
+                for group in groups:
+                    count, length = len(group), windows[group[0]].stop - windows[group[0]].start
+                    model_input = torch.cat([latents[:, :, windows[index]] for index in group])  # (k, 4, n, h, w)
+                    pose_features = [torch.cat(parts) for parts in zip(*(
+                        cached[index] if cached else features(windows[index]) for index in group))]
+                    if guided:  # rows [uncond x k; cond x k]: both halves see the same latents and poses
+                        model_input = torch.cat([model_input, model_input])
                         pose_features = [torch.cat([feature, feature]) for feature in pose_features]
+                    self.reference_control.read(num_frames=length, uncond_mask=[True] * count + [False] * count
+                                                if guided else None, cache_projections=True)
                     prediction = self.denoising_unet(
-                        model_input.to(unet_dtype), timestep, embeds.to(unet_dtype), pose_cond_fea=pose_features,
-                    ).sample.float()  # (1 or 2, 4, n, h, w)
+                        self.scheduler.scale_model_input(model_input, timestep).to(unet_dtype), timestep,
+                        embeds.repeat_interleave(count, dim=0).to(unet_dtype), pose_cond_fea=pose_features,
+                    ).sample.float()  # (k or 2k, 4, n, h, w)
                     if guided:
                         uncond, cond = prediction.chunk(2)
                         prediction = uncond + guidance_scale * (cond - uncond)
-                    noise_pred[:, :, window] += prediction * blend[index].to(device).view(1, 1, -1, 1, 1)
+                    for row, index in enumerate(group):
+                        noise_pred[:, :, windows[index]] += prediction[row : row + 1] * blend[index].to(device).view(
+                            1, 1, -1, 1, 1)
                 latents = self.scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
         finally:
             self.reference_control.clear()
@@ -358,17 +395,29 @@ class Pose2VideoPipeline:
         pixels = pixels.to(self.device, _module_dtype(self.image_encoder))
         return self.image_encoder(pixels).image_embeds.unsqueeze(1)
 
-    def _write_reference(self, reference_image: np.ndarray, cond_embeds: torch.Tensor, window_frames: int,
-                         guided: bool) -> None:
-        """Fill the reference bank once (ReferenceNet at timestep 0 on the VAE mean) and arm the readers."""
+    @staticmethod
+    def _window_groups(windows: list[slice], window_batch: int) -> list[list[int]]:
+        """Window indices in groups of at most ``window_batch`` windows of equal length (one UNet call each)."""
+        if window_batch < 1:
+            raise AniPortraitError(f"window_batch={window_batch}: need at least 1 window per UNet call")
+        groups: list[list[int]] = []
+        for index, window in enumerate(windows):
+            length = window.stop - window.start
+            last = groups[-1] if groups else None
+            if last and len(last) < window_batch and windows[last[0]].stop - windows[last[0]].start == length:
+                last.append(index)
+            else:
+                groups.append([index])
+        return groups
+
+    def _write_reference(self, reference_image: np.ndarray, cond_embeds: torch.Tensor) -> None:
+        """Fill the reference bank once (ReferenceNet at timestep 0 on the VAE mean); every UNet call reads it."""
         image = torch.from_numpy(np.ascontiguousarray(reference_image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         image = image.to(self.device, _module_dtype(self.vae))
         latents = self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor  # (1, 4, h, w)
         self.reference_control.write()
         self.reference_unet(latents.to(_module_dtype(self.reference_unet)), 0,
                             cond_embeds.to(_module_dtype(self.reference_unet)))
-        # one reference serves every row; the unconditional rows (first half) attend to their own tokens only
-        self.reference_control.read(num_frames=window_frames, uncond_mask=[True, False] if guided else None)
 
     def _decode(self, latents: torch.Tensor, batch_size: int) -> np.ndarray:
         """(1, 4, T, h, w) latents -> (T, H, W, 3) uint8, ``batch_size`` frames per VAE call."""

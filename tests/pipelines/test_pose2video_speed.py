@@ -1,0 +1,67 @@
+"""Inference speed switches compute the same video as the plain path (issue 8): windows batched into one UNet
+call, channels-last weights, torch.compile (aot_eager on CPU), and the "auto" window layout's coverage."""
+
+import numpy as np
+import pytest
+import torch
+from test_pose2video import pipeline_of, randomize_motion_modules
+
+from aniportrait.models.video_backbone import build_video_models
+from aniportrait.pipelines.pose2video import context_windows
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _inputs(frames=20, size=64):
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    poses = np.zeros((frames, size, size, 3), np.uint8)
+    for t in range(frames):  # a moving bar: frames differ, so windows matter
+        poses[t, 20:28, 4 + 2 * t : 12 + 2 * t] = (10, 200, 10)
+    return reference, poses
+
+
+def _run(pipeline, **options):
+    reference, poses = _inputs()
+    return pipeline(reference, poses, num_inference_steps=3, guidance_scale=3.5, context_frames=8, context_overlap=2,
+                    generator=torch.Generator().manual_seed(0), progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def models():
+    models = build_video_models({"kind": "tiny", "seed": 0})
+    randomize_motion_modules(models)
+    return models
+
+
+def test_batched_windows_equal_one_window_per_call(models):
+    pipeline = pipeline_of(models)
+    plain = _run(pipeline, window_batch=1)
+    batched = _run(pipeline, window_batch=8)
+    assert _psnr(batched, plain) > 45, _psnr(batched, plain)
+
+
+def test_channels_last_and_compile_keep_the_video(models):
+    plain = _run(pipeline_of(models))
+    fast_models = build_video_models({"kind": "tiny", "seed": 0})
+    randomize_motion_modules(fast_models)
+    fast = pipeline_of(fast_models).optimize(channels_last=True, compile={"backend": "aot_eager"})
+    video = _run(fast, window_batch=8)
+    assert _psnr(video, plain) >= 35, _psnr(video, plain)
+
+
+@pytest.mark.parametrize("frames,windows,length", [(48, 2, 26), (64, 3, 24), (32, 1, 32), (10, 1, 10), (100, 4, 28)])
+def test_auto_windows_are_few_and_short(frames, windows, length):
+    layout = context_windows(frames, "auto", 4)
+    assert len(layout) == windows and {w.stop - w.start for w in layout} == {length}
+    covered = np.zeros(frames, int)
+    for window in layout:
+        covered[window] += 1
+    assert covered.min() >= 1 and layout[-1].stop == frames
+    overlaps = [a.stop - b.start for a, b in zip(layout, layout[1:])]
+    assert all(overlap >= 4 for overlap in overlaps)
