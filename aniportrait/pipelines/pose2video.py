@@ -234,7 +234,7 @@ class Pose2VideoPipeline:
         if channels_last:
             for module in (self.vae, self.reference_unet, self.denoising_unet, self.pose_guider):
                 module.to(memory_format=torch.channels_last)
-        if compile:
+        if compile is not None and compile is not False:  # True or a dict of torch.compile options ({} = defaults)
             options = {} if compile is True else dict(compile)
             self.denoising_unet.compile(**options)
             self.vae.decoder.compile(**options)

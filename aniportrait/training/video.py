@@ -250,7 +250,7 @@ class _VideoDiffusionModule(pl.LightningModule):
             for module in (*trained, self.frozen.vae):
                 module.to(memory_format=torch.channels_last)
         options = self.performance["compile"]
-        if options:
+        if options is not None and options is not False:  # True or a dict of torch.compile options ({} = defaults)
             options = {} if options is True else dict(options)
             for module in trained:
                 module.compile(**options)
@@ -458,6 +458,19 @@ class _VideoDiffusionModule(pl.LightningModule):
             self.trainer.estimated_stepping_batches)
         scheduler = hydra.utils.instantiate(self.hparams.scheduler, optimizer=optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning refuses to clip before a fused optimizer (under fp16 such optimizers unscale internally).
+        Without a gradient scaler (bf16 or fp32) the gradients are final here, so clip them directly."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and fused and not str(self.trainer.precision).startswith("16"):
+            parameters = [p for p in self.parameters() if p.grad is not None]
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(parameters, float(gradient_clip_val))
+            else:
+                torch.nn.utils.clip_grad_value_(parameters, float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [hydra.utils.instantiate(config) for config in (self.hparams.callbacks or {}).values() if config]
