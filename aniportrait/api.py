@@ -30,13 +30,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aniportrait.audio.io import SAMPLE_RATE, load_audio
+from aniportrait.audio.io import SAMPLE_RATE, frame_count, load_audio
 from aniportrait.bundle import BUNDLE_FILE, OFFICIAL_FILES, OFFICIAL_HUB_REPO, Bundle, import_official
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait
@@ -59,6 +59,9 @@ from aniportrait.inference import (
     write_landmark_outputs,
 )
 from aniportrait.pipelines.landmarks import AudioToLandmarks, LandmarkPrediction
+
+if TYPE_CHECKING:
+    from aniportrait.pipelines.pose2video import Pose2VideoPipeline
 
 __all__ = ["AniPortrait", "AudioProcessor", "MotionModel", "ProcessedAudio", "WaveformAudioProcessor",
            "BundleMotionModel", "LandmarkPrediction", "default_bundle"]
@@ -149,10 +152,22 @@ class BundleMotionModel:
         trained_fps = self.landmarks.fps
         self.landmarks.fps = float(fps or trained_fps)  # AudioToLandmarks reads its fps for the frame clock
         try:
-            return self.landmarks.predict(audio.samples, portrait.mesh3d, identity=identity,
-                                          pose_overrides=dict(pose_overrides or {}))
+            frames = frame_count(len(audio.samples), self.landmarks.fps)
+            # speech shorter than wav2vec2's receptive field (25 ms) cannot be encoded: pad it with silence
+            samples = np.pad(audio.samples, (0, max(0, self._receptive_field() - len(audio.samples))))
+            prediction = self.landmarks.predict(samples, portrait.mesh3d, identity=identity,
+                                                pose_overrides=dict(pose_overrides or {}))
         finally:
             self.landmarks.fps = trained_fps
+        return LandmarkPrediction(prediction.meshes[:frames], prediction.poses[:frames], prediction.fps)
+
+    def _receptive_field(self) -> int:
+        """Samples one output of the wav2vec2 convolution stack sees."""
+        config = self.landmarks.audio2mesh.audio_encoder.config
+        size, step = 1, 1
+        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+            size, step = size + (kernel - 1) * step, step * stride
+        return size
 
 
 # -- default weights -----------------------------------------------------------------------------------------------
@@ -203,7 +218,7 @@ class AniPortrait:
     def __init__(self, bundle: str | os.PathLike | Bundle | None = None, device: str | torch.device | None = "auto",
                  dtype: str | torch.dtype | None = None, backbone: Mapping[str, Any] | None = None,
                  landmarker_model: str | os.PathLike | None = None):
-        self._bundle = bundle if isinstance(bundle, Bundle) or bundle is None else Bundle.open(bundle)
+        self._bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle) if bundle else None
         self.device = resolve_device(None if device is None else str(device))
         self.dtype = resolve_dtype(dtype, self.device)
         self.backbone = backbone
@@ -255,7 +270,7 @@ class AniPortrait:
         self._motion_model = model
 
     @property
-    def pipeline(self):
+    def pipeline(self) -> Pose2VideoPipeline:
         """Stage B (:class:`~aniportrait.pipelines.pose2video.Pose2VideoPipeline`), loaded on first use."""
         if self._pipeline is None:
             from aniportrait.pipelines.pose2video import Pose2VideoPipeline

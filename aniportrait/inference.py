@@ -72,6 +72,7 @@ __all__ = [
     "FrameInterpolator",
     "LinearInterpolator",
     "FlowInterpolator",
+    "build_interpolator",
     "Portrait",
     "check_output_path",
     "load_reference",
@@ -79,10 +80,13 @@ __all__ = [
     "resolve_dtype",
     "motion_from_audio",
     "motion_from_video",
+    "PoseFrames",
     "MeshPoseFrames",
     "LandmarkPoseFrames",
     "VideoPoseFrames",
     "pose_frames_from_file",
+    "Sampling",
+    "video_size",
     "generate_video",
     "write_landmark_outputs",
     "stitch_chunks",
@@ -92,6 +96,7 @@ __all__ = [
     "read_manifest",
     "normalise_job",
     "batch_summary",
+    "options_from_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -595,7 +600,7 @@ def write_landmark_outputs(output: Path, pose_frames: MeshPoseFrames, motion: Mo
             pixels[span] = normalized * np.array([width, height])
             writer.write(_draw(normalized, pose_frames.size))
         with open(arrays_tmp, "wb") as handle:
-            np.savez_compressed(handle, meshes=motion.meshes.astype(np.float32), poses=motion.poses.astype(np.float32),
+            np.savez_compressed(handle, meshes=np.asarray(motion.meshes, np.float32), poses=motion.poses.astype(np.float32),
                                 landmarks=pixels, trans_mat=portrait.trans_mat.astype(np.float32),
                                 image_size=np.array([height, width]), fps=np.float32(motion.fps))
     return total
