@@ -10,6 +10,9 @@ warm-up:
     auto        the fewest windows of <= 32 frames with overlap 4 (``context_frames="auto"``), batched
     fast        auto + channels-last weights + cuDNN autotuning
     compiled    fast + torch.compile of the denoising UNet and the VAE decoder
+    compiled_dpm10  compiled with DPM-Solver++ in 10 steps (as fast_dpm10)
+    fast_dpm10  fast with DPM-Solver++ (2nd order) in 10 steps instead of DDIM in 25: the fast mode; its frames are
+                compared with the 25-step DDIM frames of ``fast`` when that ran too (``psnr_vs_fast_db``)
 
 Timing: wall clock around the call after torch.cuda.synchronize (the call ends by copying frames to the host).
 Quality: every variant's frames against an fp32 run of the plain algorithm with the same window layout and seed
@@ -50,7 +53,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "auto": {"context_frames": "auto", "window_batch": 64},
     "fast": {"context_frames": "auto", "window_batch": 64, "channels_last": True},
     "compiled": {"context_frames": "auto", "window_batch": 64, "channels_last": True, "compile": {}},
+    "fast_dpm10": {"context_frames": "auto", "window_batch": 64, "channels_last": True, "steps": 10,
+                   "scheduler": {**INFERENCE_V2_SCHEDULER, "_target_": "diffusers.DPMSolverMultistepScheduler",
+                                 "algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}},
 }
+VARIANTS["compiled_dpm10"] = {**VARIANTS["fast_dpm10"], "compile": {}}
 
 
 def talking_head(frames: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,16 +77,41 @@ def build(backbone: dict[str, Any], dtype: torch.dtype, variant: dict[str, Any],
                 param.normal_(0, 0.02)
     pipeline = Pose2VideoPipeline(models.vae.eval(), models.image_encoder.eval(), models.clip_image_processor,
                                   models.reference_unet.eval(), models.denoising_unet.eval(), models.pose_guider.eval(),
-                                  build_scheduler(INFERENCE_V2_SCHEDULER), pose_scaling="official_inference")
+                                  build_scheduler(_scheduler_config(variant)), pose_scaling="official_inference")
     pipeline = pipeline.to(device, dtype)
     torch.backends.cudnn.benchmark = bool(variant.get("channels_last"))
     return pipeline.optimize(channels_last=bool(variant.get("channels_last")), compile=variant.get("compile"))
 
 
+def _scheduler_config(variant: dict[str, Any]) -> dict[str, Any]:
+    config = dict(variant.get("scheduler", INFERENCE_V2_SCHEDULER))
+    if config["_target_"] != "diffusers.DDIMScheduler":  # DDIM-only keys
+        for key in ("clip_sample", "set_alpha_to_one"):
+            config.pop(key, None)
+    return config
+
+
 def sample(pipeline: Pose2VideoPipeline, reference, poses, variant, args) -> np.ndarray:
-    return pipeline(reference, poses, num_inference_steps=args.steps, guidance_scale=args.guidance,
+    return pipeline(reference, poses, num_inference_steps=variant.get("steps", args.steps), guidance_scale=args.guidance,
                     context_frames=variant["context_frames"], context_overlap=4, window_batch=variant["window_batch"],
                     generator=torch.Generator(pipeline.device).manual_seed(0), progress=False, decode_batch_size=16)
+
+
+def _profile(pipeline: Pose2VideoPipeline, reference, poses, variant, args) -> dict[str, Any]:
+    """GPU time of a 2-step call by operator (self CUDA time), and the kernel count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sample(pipeline, reference, poses, {**variant, "steps": 2}, argparse.Namespace(steps=2, guidance=args.guidance))
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(event.self_device_time_total for event in events)
+    top = sorted(events, key=lambda event: event.self_device_time_total, reverse=True)[:25]
+    kernels = sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    return {"gpu_ms": round(total / 1000, 1), "kernels": kernels,
+            "top_ops": [{"op": event.key[:90], "gpu_ms": round(event.self_device_time_total / 1000, 1),
+                         "share": round(event.self_device_time_total / max(total, 1), 3), "calls": event.count}
+                        for event in top]}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | str:
@@ -100,6 +132,8 @@ def main() -> None:
                         "algorithm (same windows and seed), e.g. fast,compiled")
     parser.add_argument("--backbone-dir", type=Path, default=Path("/tmp/aniportrait-random-sd15"))
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny backbone, 64 x 64, 2 steps")
+    parser.add_argument("--profile", action="store_true", help="also profile 2 steps of each variant (torch.profiler): "
+                        "GPU time by operator, kernel count")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cuda = not args.tiny
@@ -113,11 +147,12 @@ def main() -> None:
                               "size": args.size, "steps": args.steps, "guidance": args.guidance, "dtype": "bf16",
                               "results": [], "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     references: dict[str, np.ndarray] = {}
+    outputs: dict[str, np.ndarray] = {}
     for name in args.variants.split(","):
         variant = VARIANTS[name]
         pipeline = build(backbone, torch.bfloat16 if cuda else torch.float32, variant, device)
         warm_start = time.perf_counter()
-        sample(pipeline, reference, poses[:20], variant, argparse.Namespace(steps=2, guidance=args.guidance))
+        sample(pipeline, reference, poses, {**variant, "steps": 2}, argparse.Namespace(steps=2, guidance=args.guidance))
         warmup = time.perf_counter() - warm_start
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -132,7 +167,11 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
         median = statistics.median(seconds)
         windows = context_windows(args.frames, variant["context_frames"], 4)
-        result = {"variant": name, **{k: v for k, v in variant.items() if k != "compile"},
+        outputs[name] = frames
+        profile = _profile(pipeline, reference, poses, variant, args) if args.profile and cuda else None
+        result = {"variant": name, **{k: v for k, v in variant.items() if k not in ("compile", "scheduler")},
+                  "scheduler": _scheduler_config(variant)["_target_"].split(".")[-1],
+                  "steps": variant.get("steps", args.steps),
                   "compile": variant.get("compile") is not None, "windows": [[w.start, w.stop] for w in windows],
                   "frame_evaluations_per_step": sum(w.stop - w.start for w in windows),
                   "seconds": round(median, 2), "seconds_per_frame": round(median / args.frames, 4),
@@ -149,6 +188,12 @@ def main() -> None:
                 references[key] = sample(fp32, reference, poses, {"context_frames": layout[0], "window_batch": 1}, args)
                 del fp32
             result["psnr_vs_fp32_plain_db"] = psnr(frames, references[key])
+        if profile:
+            result["profile_2_steps"] = profile
+        if "steps" in variant and "compiled" in outputs and variant.get("compile") is not None:
+            result["psnr_vs_compiled_db"] = psnr(frames, outputs["compiled"])
+        if "steps" in variant and "fast" in outputs:
+            result["psnr_vs_fast_db"] = psnr(frames, outputs["fast"])  # the quality cost of fewer steps
         output["results"].append(result)
         print(json.dumps(result), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,8 @@ def make_benchmark_data(work: Path, clips: int, frames: int, size: int, distinct
     for index in range(clips):
         source = base[index % len(base)]
         record = type(source)(**{**source.__dict__, "id": f"bench{index:03d}", "split": "test"})
-        if index >= len(base):
-            shutil.copy(generated / f"{source.id}.mp4", generated / f"{record.id}.mp4")
+        if index >= len(base):  # a repeat: copy the video its source was renamed to
+            shutil.copy(generated / f"bench{index % len(base):03d}.mp4", generated / f"{record.id}.mp4")
         else:
             (generated / f"{source.id}.mp4").rename(generated / f"{record.id}.mp4")
         records.append(record)
