@@ -217,7 +217,7 @@ class AniPortrait:
 
     def __init__(self, bundle: str | os.PathLike | Bundle | None = None, device: str | torch.device | None = "auto",
                  dtype: str | torch.dtype | None = None, backbone: Mapping[str, Any] | None = None,
-                 landmarker_model: str | os.PathLike | None = None):
+                 landmarker_model: str | os.PathLike | None = None, compile: bool | Mapping[str, Any] = False):
         self._bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle) if bundle else None
         self.device = resolve_device(None if device is None else str(device))
         self.dtype = resolve_dtype(dtype, self.device)
@@ -226,6 +226,7 @@ class AniPortrait:
         self._audio_processor: AudioProcessor = WaveformAudioProcessor()
         self._motion_model: MotionModel | None = None
         self._pipeline = None
+        self.compile = compile  # torch.compile of stage B's UNet and VAE decoder (GPU; minutes once, then faster)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = "auto", **kwargs: Any) -> AniPortrait:
@@ -275,7 +276,8 @@ class AniPortrait:
         if self._pipeline is None:
             from aniportrait.pipelines.pose2video import Pose2VideoPipeline
 
-            self._pipeline = Pose2VideoPipeline.from_bundle(self.bundle, self.device, self.dtype, backbone=self.backbone)
+            pipeline = Pose2VideoPipeline.from_bundle(self.bundle, self.device, self.dtype, backbone=self.backbone)
+            self._pipeline = pipeline.optimize(compile=self.compile) if self.compile else pipeline
         return self._pipeline
 
     # -- generation --------------------------------------------------------------------------------------------

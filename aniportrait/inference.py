@@ -175,8 +175,9 @@ class AnimationOptions:
     steps: int | None = None  # denoising steps
     guidance: float | None = None  # classifier-free guidance scale
     seed: int = 42
-    context_frames: int | None = None  # frames the motion modules see at once ...
+    context_frames: int | str | None = None  # frames the motion modules see at once ("auto": fewest windows) ...
     context_overlap: int | None = None  # ... and how many neighbouring windows share
+    scheduler: Any = None  # None: the bundle's; a diffusers scheduler class name or {_target_: ..., **overrides}
     keyframe_interval: int = 1  # accelerated mode: generate every k-th frame, interpolate the rest
     interpolator: Any = None  # a FrameInterpolator or a {_target_: ...} config; None: FlowInterpolator
     chunk_frames: int = 120  # stage-B frames per pipeline call (keyframes in accelerated mode): bounds memory
@@ -531,7 +532,7 @@ class Sampling:
     height: int
     steps: int
     guidance: float
-    context_frames: int
+    context_frames: int | str
     context_overlap: int
     seed: int
 
@@ -542,8 +543,39 @@ class Sampling:
 
         return cls(int(pick(options.width, "width", 512)), int(pick(options.height, "height", 512)),
                    int(pick(options.steps, "num_inference_steps", 25)), float(pick(options.guidance, "guidance_scale", 3.5)),
-                   int(pick(options.context_frames, "context_frames", 16)),
+                   _context_frames(pick(options.context_frames, "context_frames", 16)),
                    int(pick(options.context_overlap, "context_overlap", 4)), int(options.seed))
+
+
+def _context_frames(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise AniPortraitError(f"context_frames={value!r}: give a frame count (16 official) or auto") from None
+
+
+def build_sampling_scheduler(choice: Any, base: Any) -> Any:
+    """``scheduler=``: another diffusers scheduler for sampling, built with ``from_config`` on the bundle's
+    scheduler config (so v-prediction, zero-terminal-SNR betas and timestep spacing carry over) plus overrides.
+    ``choice``: a class name of diffusers ("DPMSolverMultistepScheduler") or {_target_: diffusers.X, **overrides}."""
+    import diffusers
+
+    if isinstance(choice, str):
+        choice = {"_target_": choice}
+    if not isinstance(choice, Mapping) or not choice.get("_target_"):
+        raise AniPortraitError(f"scheduler={choice!r}: give a diffusers scheduler class, e.g. "
+                               "scheduler=DPMSolverMultistepScheduler or '{_target_: diffusers.UniPCMultistepScheduler}'")
+    overrides = dict(choice)
+    name = str(overrides.pop("_target_")).removeprefix("diffusers.").removeprefix("schedulers.")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise AniPortraitError(f"scheduler: {name!r} is not a diffusers scheduler (e.g. DDIMScheduler, "
+                               "DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler)")
+    if name == "DPMSolverMultistepScheduler":  # zero terminal SNR: the last step must land on sigma 0
+        overrides.setdefault("final_sigmas_type", "zero")
+    return cls.from_config(base.config, **overrides)
 
 
 def video_size(options: AnimationOptions, settings: Mapping[str, Any]) -> tuple[int, int]:
@@ -566,6 +598,14 @@ def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames
     interpolator = build_interpolator(options.interpolator) if options.keyframe_interval > 1 else None
     reference_pose = _draw(portrait.lmks[None, :468, :2], pose_frames.size)[0]  # the portrait's own landmarks
     generator = torch.Generator("cpu").manual_seed(sampling.seed)  # the same noise on CPU and GPU
+    if options.scheduler is not None:
+        scheduler = build_sampling_scheduler(options.scheduler, pipeline.scheduler)
+        default_scheduler, pipeline.scheduler = pipeline.scheduler, scheduler
+        try:
+            return generate_video(pipeline, portrait, pose_frames, output, fps, audio,
+                                  dataclasses.replace(options, scheduler=None))
+        finally:
+            pipeline.scheduler = default_scheduler
 
     def chunks() -> Iterator[np.ndarray]:
         for span in spans:
@@ -724,6 +764,8 @@ def options_from_config(cfg: DictConfig) -> dict[str, Any]:
         "width": cfg.get("width"), "height": cfg.get("height"), "fps": cfg.get("fps"), "length": cfg.get("length"),
         "steps": cfg.get("steps"), "guidance": cfg.get("guidance"), "seed": int(cfg.get("seed", 42)),
         "context_frames": cfg.get("context_frames"), "context_overlap": cfg.get("context_overlap"),
+        "scheduler": OmegaConf.to_container(cfg.scheduler) if isinstance(cfg.get("scheduler"), DictConfig)
+        else cfg.get("scheduler"),
         "keyframe_interval": int(cfg.get("keyframe_interval") or 1),
         "interpolator": OmegaConf.to_container(interpolator) if isinstance(interpolator, DictConfig) else interpolator,
         "chunk_frames": int(stream.get("chunk_frames", 120)), "chunk_overlap": int(stream.get("chunk_overlap", 8)),
@@ -794,5 +836,5 @@ def infer(cfg: DictConfig):
     if mode != "batch":
         check_output_path(cfg.get("output"))  # before any model loads
     ap = AniPortrait(bundle=cfg.get("bundle"), device=cfg.get("device"), dtype=cfg.get("dtype"),
-                     landmarker_model=(cfg.get("face") or {}).get("landmarker_model"))
+                     landmarker_model=(cfg.get("face") or {}).get("landmarker_model"), compile=bool(cfg.get("compile")))
     return MODES[mode](ap, cfg, options_from_config(cfg))

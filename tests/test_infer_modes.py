@@ -199,3 +199,37 @@ def test_jsonl_manifest_and_bad_rows(tmp_path):
     manifest.write_text('{"image": "a.png", "audio": "s.wav", "video": "v.mp4", "output": "o.mp4"}\n')
     with pytest.raises(Exception, match="exactly one of audio, video, landmarks"):
         read_manifest(manifest)
+
+
+def test_another_sampler_and_auto_windows_keep_the_bundle_schedule(ap, clips, tmp_path):
+    """scheduler= swaps the sampler for one video, built on the bundle's scheduler config (v-prediction, zero
+    terminal SNR, trailing spacing carry over); the bundle's own sampler is back afterwards."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from aniportrait.errors import AniPortraitError
+    from aniportrait.inference import build_sampling_scheduler
+
+    base = ap.pipeline.scheduler
+    built = build_sampling_scheduler("DPMSolverMultistepScheduler", base)
+    assert isinstance(built, DPMSolverMultistepScheduler) and built.config.final_sigmas_type == "zero"
+    for key in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "beta_schedule"):
+        assert built.config[key] == base.config[key]
+    with pytest.raises(AniPortraitError, match="not a diffusers scheduler"):
+        build_sampling_scheduler({"_target_": "diffusers.NoSuchScheduler"}, base)
+
+    _, reference = clips[0]
+    common = {"image_path": reference, "landmarks_path": reference, "length": 12, "progress": False}
+    ddim = ap.animate_from_landmarks(output_path=tmp_path / "ddim.mp4", steps=3, **common)
+    dpm = ap.animate_from_landmarks(output_path=tmp_path / "dpm.mp4", steps=3, context_frames="auto",
+                                    scheduler={"_target_": "DPMSolverMultistepScheduler", "solver_order": 2}, **common)
+    assert ddim.frames == dpm.frames == probe_video(dpm.output).frames == 12
+    assert isinstance(ap.pipeline.scheduler, DDIMScheduler) and ap.pipeline.scheduler is base
+    assert np.abs(read_video(ddim.output).astype(int) - read_video(dpm.output).astype(int)).mean() > 0.5
+
+
+def test_bad_sampler_settings_are_one_clear_error(full_bundle, clips, tmp_path):
+    _, reference = clips[0]
+    result = _infer(tmp_path, "mode=pose", f"bundle={full_bundle}", f"reference={reference}",
+                    f"landmarks={reference}", f"output={tmp_path / 'x.mp4'}", "scheduler=Nope", "length=4")
+    assert result.returncode == 2 and "scheduler: 'Nope' is not a diffusers scheduler" in result.stderr
+    assert not (tmp_path / "x.mp4").exists()

@@ -110,6 +110,18 @@ class FaceFrame:
         return float(xy[:, 0].min()), float(xy[:, 1].min()), float(xy[:, 0].max()), float(xy[:, 1].max())
 
 
+def _ignore_stray_profiler_signals() -> None:
+    """mediapipe 1.2.x links Google's CPU profiler, whose per-thread SIGPROF timers can fire after its handler is
+    gone; SIGPROF's default action then ends the process ("Profiling timer expired", exit 155), seen minutes after
+    the landmarker ran in long processes (the test suite). Nothing of ours uses SIGPROF: ignore it unless a profiler
+    of the user's already handles it (only the main thread may set handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGPROF) == signal.SIG_DFL:
+        signal.signal(signal.SIGPROF, signal.SIG_IGN)
+
+
 class FaceLandmarker:
     """MediaPipe FaceLandmarker in IMAGE or VIDEO mode.
 
@@ -128,6 +140,7 @@ class FaceLandmarker:
     ):
         from mediapipe.tasks.python import BaseOptions, vision
 
+        _ignore_stray_profiler_signals()
         if mode not in ("image", "video"):
             raise AniPortraitError(f"FaceLandmarker mode must be 'image' or 'video', got {mode!r}")
         self.model_path = resolve_landmarker_model(model_path)
