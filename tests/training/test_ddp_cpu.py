@@ -86,3 +86,42 @@ def test_shards_have_no_duplicates_and_drop_nothing(tiny_dataset):
     assert sorted(flat) == sorted(single) == list(range(96))
     for step in range(len(shards[0])):  # each global batch is the single process's batch
         assert sorted(shards[0][step] + shards[1][step]) == sorted(indices(0, 1, 8)[step])
+
+
+# Stage 1 on the tiny backbone. The PoseGuider's BatchNorm normalises with per-process batch statistics (SyncBatchNorm
+# needs GPUs), so the one-process run takes two samples per micro-batch and accumulates two, as each of two DDP
+# processes takes two: the same statistics, and the same averaged gradient. Reference dropout is off because
+# it drops whole batches (the official rule), which are per process under DDP.
+STAGE1 = ["model=video_stage1", "backbone=tiny", "data=synthetic_tiny", "model.optimizer._target_=torch.optim.SGD",
+          "model.optimizer.lr=0.02", "~model.optimizer.betas", "~model.optimizer.eps", "+model.optimizer.momentum=0.9",
+          "model.eight_bit_adam=false", "model.loss.uncond_ratio=0", "trainer.max_steps=3", "trainer.limit_val_batches=0",
+          "trainer.log_every_n_steps=1", "model.loader.num_workers=0", "model.loader.batch_size=2"]
+
+
+def test_stage1_ddp_matches_one_process_with_the_same_global_batch(env):
+    one_dir, one = _train_stage1(env, "trainer.accumulate_grad_batches=2")
+    two_dir, two = _train_stage1(env, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                 "trainer.precision=32-true", "trainer.sync_batchnorm=false")
+    changed = 0
+    for name in ("reference_unet", "denoising_unet", "pose_guider"):
+        sa, sb = one.state_dict(name), two.state_dict(name)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if "running_" in key or "num_batches_tracked" in key:  # BatchNorm buffers: rank 0's own samples under DDP
+                continue
+            torch.testing.assert_close(sa[key], sb[key], atol=2e-5, rtol=1e-4, msg=f"{name}.{key}")
+    # the comparison can fail: training moved the weights away from their (seeded) initial values
+    fresh_dir, fresh = _train_stage1(env, "trainer.max_steps=1", "model.optimizer.lr=0.0", "trainer.accumulate_grad_batches=1")
+    for name in ("denoising_unet", "pose_guider"):
+        sa, sf = one.state_dict(name), fresh.state_dict(name)
+        changed += sum(not torch.equal(sa[key], sf[key]) for key in sa if "running_" not in key and "num_batches" not in key)
+    assert changed > 10
+    # the logged loss is each process's own (rank 0: samples 0-1), as one process's first batch of two
+    assert _losses(two_dir)[0] == pytest.approx(_losses(fresh_dir)[0], rel=1e-4)
+
+
+def _train_stage1(env, *overrides):
+    result = run_cli("train.py", *STAGE1, *overrides, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    bundle = Path(result.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
+    return bundle.parent, Bundle.open(bundle)
