@@ -65,7 +65,7 @@ def main() -> None:
               f"{outcome['video_seconds']} s of video in {outcome['wall_seconds']} s)")
     result = {
         "benchmark": "python -m aniportrait.data.prepare on a folder of talking-head videos, fresh output root",
-        "input": str(args.input),
+        "input": Path(args.input).name,  # the folder name only: no machine paths in committed results
         "size": args.size,
         "fps": args.fps,
         "runs": runs,
