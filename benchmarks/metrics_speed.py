@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2).replace(str(Path.home()), "~")  # no machine paths in shared results
+    args.output.write_text(text + "\n")
     print(f"metric suite: {args.clips} clips x {args.frames} frames at {args.size}px on {args.device}: "
           f"{timing['total_s']:.1f} s (target {TARGET_SECONDS:.0f} s; waiting for clips {timing['waiting_for_clips_s']:.1f} s) "
           f"-> {args.output}")

@@ -18,19 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from aniportrait.bundle import OFFICIAL_SD15_UNET_CONFIG
 from aniportrait.data.clip import ClipRecord, Manifest, save_landmarks
 
 SHARED_SAMPLES = Path(os.environ.get("ANIPORTRAIT_SHARED", Path(__file__).resolve().parents[1].parent / "shared")) / "samples"
 
-# runwayml/stable-diffusion-v1-5 unet/config.json (shared/reference/official_checkpoints/configs/sd15_unet_config.json)
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "act_fn": "silu", "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
-}
+SD15_UNET_CONFIG = OFFICIAL_SD15_UNET_CONFIG  # runwayml/stable-diffusion-v1-5 unet/config.json
 # stabilityai/sd-vae-ft-mse config.json
 SD_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,

@@ -36,6 +36,15 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def full_bundle(tiny_dataset, tmp_path_factory) -> Path:
+    """`python train.py debug=fast data=synthetic_tiny`: stage A + stage-B stages 1 and 2 in one tiny bundle."""
+    env = {"ANIPORTRAIT_DATA": str(tiny_dataset.parent), "ANIPORTRAIT_LOGS": str(tmp_path_factory.mktemp("logs"))}
+    result = run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Path(result.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_dataset) -> Path:
     """A stage-A bundle trained for a few steps on the tiny dataset (in-process, no Hydra)."""
     import pytorch_lightning as pl

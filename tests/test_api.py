@@ -24,15 +24,6 @@ FAST = {"steps": 2, "progress": False}
 
 
 @pytest.fixture(scope="module")
-def full_bundle(tiny_dataset, tmp_path_factory) -> Path:
-    """`python train.py debug=fast data=synthetic_tiny`: both stages in one tiny bundle."""
-    env = {"ANIPORTRAIT_DATA": str(tiny_dataset.parent), "ANIPORTRAIT_LOGS": str(tmp_path_factory.mktemp("logs"))}
-    result = run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Path(result.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
-
-
-@pytest.fixture(scope="module")
 def clip(tiny_dataset) -> tuple[Path, Path]:
     record = Manifest.load(tiny_dataset).split("test")[0]
     return tiny_dataset / record.audio, tiny_dataset / record.landmarks

@@ -28,15 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def full_bundle(tiny_dataset, tmp_path_factory) -> Path:
-    """`python train.py debug=fast data=synthetic_tiny`: stage A + stage-B stages 1 and 2 in one bundle."""
-    env = {"ANIPORTRAIT_DATA": str(tiny_dataset.parent), "ANIPORTRAIT_LOGS": str(tmp_path_factory.mktemp("logs"))}
-    result = run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Path(result.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
-
-
-@pytest.fixture(scope="module")
 def clips(tiny_dataset) -> list[tuple[Path, Path]]:
     """(audio.wav, landmarks.npz) of the test clips."""
     return [(tiny_dataset / record.audio, tiny_dataset / record.landmarks)

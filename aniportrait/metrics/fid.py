@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from aniportrait.metrics.frechet import FeatureSets
+from aniportrait.metrics.frechet import FeatureSets, FrechetMetric
 from aniportrait.metrics.weights import calibrate_batch_norm
 
 __all__ = ["FrechetInceptionDistance", "load_inception", "random_inception", "INCEPTION_FEATURES"]
@@ -56,7 +56,7 @@ def random_inception(seed: int = 0, antialias: bool = False) -> nn.Module:
     return network
 
 
-class FrechetInceptionDistance:
+class FrechetInceptionDistance(FrechetMetric):
     """FID between named sets of frames; ``reference`` is the ground truth set.
 
     ``network``: uint8 (n, 3, H, W) -> (n, d) features, :func:`load_inception` or any module of that contract.
@@ -76,16 +76,3 @@ class FrechetInceptionDistance:
             batch = frames[start : start + self.batch_size].to(self.device).permute(0, 3, 1, 2)  # (b, 3, H, W)
             outputs.append(self.network(batch.contiguous()).to(torch.float64))
         return torch.cat(outputs)
-
-    def update(self, name: str, frames: torch.Tensor) -> torch.Tensor:
-        """Add frames (T, H, W, 3) uint8 to set ``name``; returns their features for reuse."""
-        features = self.features(frames)
-        self.sets.update(name, features)
-        return features
-
-    def add_features(self, name: str, features: torch.Tensor) -> None:
-        """Add features computed earlier (e.g. the ground truth's, for the ground-truth sanity row)."""
-        self.sets.update(name, features)
-
-    def compute(self, name: str, reference: str = "reference") -> float:
-        return self.sets.distance(name, reference)

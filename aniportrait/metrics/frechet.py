@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["FeatureStatistics", "FeatureSets", "frechet_distance"]
+__all__ = ["FeatureStatistics", "FeatureSets", "FrechetMetric", "frechet_distance"]
 
 
 class FeatureStatistics:
@@ -86,6 +86,28 @@ class FeatureSets:
             if self.count(key) < 2:
                 raise ValueError(f"the Fréchet distance needs 2 or more feature vectors in set {key!r}, got {self.count(key)}")
         return frechet_distance(*self.sets[name].moments(), *self.sets[reference].moments())
+
+
+class FrechetMetric:
+    """A Fréchet distance between named sets of inputs (FID, FVD): subclasses define ``features(inputs)``."""
+
+    sets: FeatureSets
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Add inputs to set ``name``; returns their features for reuse."""
+        features = self.features(inputs)
+        self.sets.update(name, features)
+        return features
+
+    def add_features(self, name: str, features: torch.Tensor) -> None:
+        """Add features computed earlier (e.g. the ground truth's, for the ground-truth sanity row)."""
+        self.sets.update(name, features)
+
+    def compute(self, name: str, reference: str = "reference") -> float:
+        return self.sets.distance(name, reference)
 
 
 def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:

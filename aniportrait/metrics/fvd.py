@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aniportrait.metrics.frechet import FeatureSets
+from aniportrait.metrics.frechet import FeatureSets, FrechetMetric
 from aniportrait.metrics.weights import calibrate_batch_norm
 
 __all__ = ["FrechetVideoDistance", "load_i3d", "clip_starts", "preprocess_clips", "I3DShaped", "random_i3d", "I3D_SIZE"]
@@ -62,7 +62,7 @@ def preprocess_clips(clips: torch.Tensor, size: int = I3D_SIZE) -> torch.Tensor:
     return x.reshape(n, frames, 3, size, size).permute(0, 2, 1, 3, 4).contiguous()
 
 
-class FrechetVideoDistance:
+class FrechetVideoDistance(FrechetMetric):
     """FVD between named sets of clips; ``reference`` is the ground truth set.
 
     ``detector``: called as ``detector(x, rescale=False, resize=False, return_features=True)`` on
@@ -83,17 +83,6 @@ class FrechetVideoDistance:
             batch = preprocess_clips(clips[start : start + self.batch_size].to(self.device))
             outputs.append(self.detector(batch, rescale=False, resize=False, return_features=True).to(torch.float64))
         return torch.cat(outputs)
-
-    def update(self, name: str, clips: torch.Tensor) -> torch.Tensor:
-        features = self.features(clips)
-        self.sets.update(name, features)
-        return features
-
-    def add_features(self, name: str, features: torch.Tensor) -> None:
-        self.sets.update(name, features)
-
-    def compute(self, name: str, reference: str = "reference") -> float:
-        return self.sets.distance(name, reference)
 
 
 class _Unit3D(nn.Module):
