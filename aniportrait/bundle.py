@@ -48,7 +48,7 @@ from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpo
 from aniportrait.models.wav2vec2 import BASE_960H_CONFIG, upgrade_weight_norm_keys
 from aniportrait.utils.atomic import atomic_dir
 
-__all__ = ["Bundle", "export_bundle", "import_official", "OfficialImport", "component_architecture",
+__all__ = ["Bundle", "export_bundle", "import_official", "OfficialImport", "component_architecture", "load_vae",
            "official_settings", "load_component_weights", "BUNDLE_FILE", "FORMAT_VERSION", "OFFICIAL_FILES",
            "OFFICIAL_BASE_MODELS", "OFFICIAL_HUB_REPO", "git_sha"]
 
@@ -238,6 +238,26 @@ def load_component_weights(module: torch.nn.Module, source: str | os.PathLike, c
         state = read_checkpoint(source)
     state = upgrade_weight_norm_keys(state)  # release files saved with torch<2.1 use weight_g / weight_v
     load_state_dict_checked(module, state, f"{component} ({source})", allow_missing=tuple(allow_missing))
+
+
+def load_vae(source: str | os.PathLike, key: str) -> torch.nn.Module:
+    """A trained AutoencoderKL: a bundle folder with a ``vae`` component (what ``model=vae`` exports) or a diffusers
+    AutoencoderKL folder (config.json + weights); ``key`` names the setting in errors (e.g. backbone.video.vae)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    if (path / BUNDLE_FILE).is_file():
+        bundle = Bundle.open(path)
+        bundle.require("vae", purpose=f"{key}={source}")
+        return bundle.load("vae")
+    weights = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in weights):
+        return AutoencoderKL.from_pretrained(str(path), local_files_only=True).eval()
+    raise AniPortraitError(
+        f"{key}={source!r}: expected a bundle folder with a vae component (the `bundle: ...` a model=vae run prints) "
+        f"or an AutoencoderKL folder (config.json and {' or '.join(weights)}); train one with "
+        "`python train.py model=vae backbone=...`"
+    )
 
 
 # -- the official release -----------------------------------------------------------------------------------

@@ -10,9 +10,22 @@
     motion_module: null                                 # official motion_module.pth / mm_sd_v15_v2.ckpt
     local_files_only: false
 
-``kind: tiny`` builds the same architectures small and randomly initialised (seeded) for tests and the
-CPU quickstart: 4-level UNets of widths (32, 64, 128, 128) so the PoseGuider's features fit as with
-SD-1.5, a 4-level VAE (downsampling 8, as SD's), a 2-layer CLIP vision tower on 32x32 images.
+``kind: tiny`` and ``kind: small`` build the same architectures (SD-1.5's block layout: the same classes and
+key layout) at reduced widths and depth, randomly initialised (seeded), with no pretrained weights anywhere:
+
+* tiny: 4-level UNets of widths (32, 64, 128, 128), one layer per block, a VAE of widths (32, 32, 64, 64), a
+  2-layer CLIP vision tower on 32 px images; 64 x 64 frames. Tests and the CPU quickstart.
+* small: UNets of widths (64, 128, 256, 256), one layer per block, a VAE of widths (64, 128, 256, 256), a
+  4-layer CLIP vision tower on 64 px images; 256 x 256 frames (128 works too). Learns in minutes on one GPU
+  (benchmarks/stage_b_learning.py).
+
+Both VAEs downsample by 8, as SD's, so the PoseGuider's features fit as with SD-1.5. A random VAE reconstructs
+nothing, so these backbones get theirs from ``model=vae`` (:mod:`aniportrait.training.vae`, run first by
+``model=all``): the config key ``vae`` names the trained one (a bundle folder with a ``vae`` component, or a
+diffusers AutoencoderKL folder; :func:`aniportrait.bundle.load_vae` reads it and the caller passes it in);
+null means the seeded random VAE, which ``require_trained_vae: true`` (backbone=small) refuses for stage-B
+training. The CLIP image encoder stays random and frozen: a fixed random projection of the
+reference (the ReferenceNet carries its appearance).
 
 A missing or unusable path raises :class:`AniPortraitError` naming the config key and what the directory
 must contain; nothing falls back silently.
@@ -36,7 +49,9 @@ from aniportrait.models.pose_guider import PoseGuider
 from aniportrait.models.reference_unet import ReferenceNet
 from aniportrait.models.unet3d import UNet3DConditionModel
 
-__all__ = ["VideoModels", "build_video_models", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "TINY_CLIP_CONFIG"]
+__all__ = ["VideoModels", "build_video_models", "build_frozen_encoders", "RANDOM_BACKBONES",
+           "RandomBackbone", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "TINY_CLIP_CONFIG", "SMALL_UNET_CONFIG",
+           "SMALL_VAE_CONFIG", "SMALL_CLIP_CONFIG"]
 
 TINY_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 8,
@@ -71,6 +86,55 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
     "projection_dim": 32,
 }
 _TINY_POSE_GUIDER = {"attention_num_heads": 2, "attention_head_dim": 16}
+SMALL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (64, 128, 256, 256),
+    "layers_per_block": 1,
+    "cross_attention_dim": 256,
+    "attention_head_dim": 4,  # diffusers' legacy name: 4 heads per attention layer (head sizes 16..64)
+    "norm_num_groups": 32,
+}
+SMALL_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (64, 128, 256, 256),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+}
+SMALL_CLIP_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 8,
+    "projection_dim": 256,
+}
+_SMALL_POSE_GUIDER = {"attention_num_heads": 4, "attention_head_dim": 16}
+
+
+@dataclass(frozen=True)
+class RandomBackbone:
+    """The configs of a random-init backbone kind."""
+
+    unet: Mapping[str, Any]
+    vae: Mapping[str, Any]
+    clip: Mapping[str, Any]
+    pose_guider: Mapping[str, Any]
+
+
+RANDOM_BACKBONES: dict[str, RandomBackbone] = {
+    "tiny": RandomBackbone(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG, _TINY_POSE_GUIDER),
+    "small": RandomBackbone(SMALL_UNET_CONFIG, SMALL_VAE_CONFIG, SMALL_CLIP_CONFIG, _SMALL_POSE_GUIDER),
+}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -78,7 +142,10 @@ _TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 @dataclass
 class VideoModels:
-    """Everything stage B needs: VAE, CLIP image encoder (+ its preprocessing), both UNets, PoseGuider."""
+    """Everything stage B needs: VAE, CLIP image encoder (+ its preprocessing), both UNets, PoseGuider.
+
+    ``vae_trained``: the VAE holds trained weights (pretrained, or fitted by ``model=vae``), not a random init.
+    """
 
     vae: AutoencoderKL
     image_encoder: CLIPVisionModelWithProjection
@@ -86,6 +153,7 @@ class VideoModels:
     reference_unet: ReferenceNet
     denoising_unet: UNet3DConditionModel
     pose_guider: PoseGuider
+    vae_trained: bool = True
 
 
 def build_video_models(
@@ -93,35 +161,67 @@ def build_video_models(
     use_motion_module: bool = True,
     motion_module_kwargs: Mapping[str, Any] | None = None,
     pose_guider_kwargs: Mapping[str, Any] | None = None,
+    vae: AutoencoderKL | None = None,
 ) -> VideoModels:
-    """Build the models for ``backbone`` (``kind: sd15`` or ``kind: tiny``, see the module docstring).
+    """Build the models for ``backbone`` (``kind: sd15``, ``tiny`` or ``small``, see the module docstring).
 
     use_motion_module: False for stage 1 (the denoising UNet then has the official stage-1 keys).
     motion_module_kwargs: VanillaTemporalModule arguments (default: official inference_v2.yaml).
     pose_guider_kwargs: PoseGuider arguments besides ``noise_latent_channels`` (e.g. ``reference_attention``).
+    vae: a trained VAE for a random-init kind (``model=vae``'s; see :func:`aniportrait.bundle.load_vae`), used
+    instead of the seeded random one.
     """
     kind = backbone.get("kind")
-    if kind == "tiny":
-        return _build_tiny(int(backbone.get("seed", 0)), use_motion_module, motion_module_kwargs, pose_guider_kwargs)
+    if kind in RANDOM_BACKBONES:
+        return _build_random(backbone, use_motion_module, motion_module_kwargs, pose_guider_kwargs, vae)
     if kind == "sd15":
         return _build_sd15(backbone, use_motion_module, motion_module_kwargs, pose_guider_kwargs)
-    raise AniPortraitError(f"backbone.kind={kind!r} is unknown: expected 'sd15' (pretrained) or 'tiny' (random init)")
+    raise AniPortraitError(f"backbone.kind={kind!r} is unknown: expected 'sd15' (pretrained) or one of "
+                           f"{sorted(RANDOM_BACKBONES)} (random init)")
 
 
-def _build_tiny(seed: int, use_motion_module: bool, motion_module_kwargs: Mapping[str, Any] | None,
-                pose_guider_kwargs: Mapping[str, Any] | None) -> VideoModels:
+def _random_kind(backbone: Mapping[str, Any]) -> RandomBackbone:
+    kind = backbone.get("kind")
+    if kind not in RANDOM_BACKBONES:
+        raise AniPortraitError(f"backbone.kind={kind!r}: expected one of {sorted(RANDOM_BACKBONES)}")
+    return RANDOM_BACKBONES[kind]
+
+
+def _clip_processor(configs: RandomBackbone) -> CLIPImageProcessor:
+    size = configs.clip["image_size"]
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def build_frozen_encoders(backbone: Mapping[str, Any]) -> tuple[AutoencoderKL, CLIPVisionModelWithProjection,
+                                                                 CLIPImageProcessor]:
+    """The seeded random VAE, CLIP image encoder and its processor of a random-init backbone kind (the same
+    weights :func:`build_video_models` gives them), without building the UNets."""
+    configs = _random_kind(backbone)
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_CONFIG))
-        reference_unet = ReferenceNet(**TINY_UNET_CONFIG)
+        torch.manual_seed(int(backbone.get("seed", 0)))
+        vae, image_encoder = _seeded_encoders(configs)
+    return vae.eval(), image_encoder.eval(), _clip_processor(configs)
+
+
+def _seeded_encoders(configs: RandomBackbone) -> tuple[AutoencoderKL, CLIPVisionModelWithProjection]:
+    """The first draws after the backbone's seed (so the UNets that follow keep their weights either way)."""
+    return AutoencoderKL(**configs.vae), CLIPVisionModelWithProjection(CLIPVisionConfig(**configs.clip))
+
+
+def _build_random(backbone: Mapping[str, Any], use_motion_module: bool,
+                  motion_module_kwargs: Mapping[str, Any] | None,
+                  pose_guider_kwargs: Mapping[str, Any] | None, vae: AutoencoderKL | None) -> VideoModels:
+    configs = _random_kind(backbone)
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
+        torch.manual_seed(int(backbone.get("seed", 0)))
+        random_vae, image_encoder = _seeded_encoders(configs)
+        reference_unet = ReferenceNet(**configs.unet)
         denoising_unet = UNet3DConditionModel.from_unet2d_config(
-            TINY_UNET_CONFIG, motion_module_kwargs, use_motion_module=use_motion_module)
-        pose_guider = PoseGuider(noise_latent_channels=TINY_UNET_CONFIG["block_out_channels"][0],
-                                 **{**_TINY_POSE_GUIDER, **(pose_guider_kwargs or {})})
-    size = TINY_CLIP_CONFIG["image_size"]
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return VideoModels(vae, image_encoder.eval(), processor, reference_unet, denoising_unet, pose_guider)
+            configs.unet, motion_module_kwargs, use_motion_module=use_motion_module)
+        pose_guider = PoseGuider(noise_latent_channels=configs.unet["block_out_channels"][0],
+                                 **{**configs.pose_guider, **(pose_guider_kwargs or {})})
+    return VideoModels(vae if vae is not None else random_vae, image_encoder.eval(), _clip_processor(configs),
+                       reference_unet, denoising_unet, pose_guider, vae_trained=vae is not None)
 
 
 def _build_sd15(backbone: Mapping[str, Any], use_motion_module: bool, motion_module_kwargs: Mapping[str, Any] | None,

@@ -47,7 +47,7 @@ from aniportrait.models.pose_image_scaling import POSE_IMAGE_SCALINGS, scale_pos
 from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.reference_unet import ReferenceNet
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS, UNet3DConditionModel
-from aniportrait.models.video_backbone import build_video_models
+from aniportrait.models.video_backbone import RANDOM_BACKBONES, build_frozen_encoders
 
 __all__ = [
     "Pose2VideoPipeline",
@@ -125,15 +125,15 @@ def load_vae_and_image_encoder(backbone: Mapping[str, Any]) -> tuple[Autoencoder
                                                                        CLIPImageProcessor]:
     """The frozen base models a bundle refers to (``base_models.video``: the training backbone's settings).
 
-    ``kind: tiny`` rebuilds the seeded tiny VAE and CLIP; ``kind: sd15`` loads ``vae`` (or ``base_model``'s
-    ``vae/``) and ``image_encoder`` (root or ``image_encoder/``) without touching the SD UNet weights.
+    ``kind: tiny`` / ``small`` rebuild the seeded VAE and CLIP (a bundle's own ``vae`` component, when it has one,
+    replaces that VAE: see ``from_bundle``); ``kind: sd15`` loads ``vae`` (or ``base_model``'s ``vae/``) and
+    ``image_encoder`` (root or ``image_encoder/``) without touching the SD UNet weights.
     """
     kind = backbone.get("kind")
-    if kind == "tiny":
-        models = build_video_models(backbone, use_motion_module=False)
-        return models.vae, models.image_encoder, models.clip_image_processor
+    if kind in RANDOM_BACKBONES:
+        return build_frozen_encoders(backbone)
     if kind != "sd15":
-        raise AniPortraitError(f"base_models.video.kind={kind!r}: expected 'sd15' or 'tiny'")
+        raise AniPortraitError(f"base_models.video.kind={kind!r}: expected 'sd15' or one of {sorted(RANDOM_BACKBONES)}")
     local_only = bool(backbone.get("local_files_only", False))
     vae_key = "vae" if backbone.get("vae") else "base_model"
     vae_location = backbone.get(vae_key)
@@ -219,6 +219,8 @@ class Pose2VideoPipeline:
             raise AniPortraitError(f"bundle {bundle.path} names no base_models.video (VAE and image encoder); pass "
                                    "backbone={'kind': 'sd15', 'base_model': ..., 'image_encoder': ...}")
         vae, image_encoder, clip_image_processor = load_vae_and_image_encoder(backbone)
+        if bundle.has("vae"):  # trained by model=vae for a backbone without a pretrained one
+            vae = bundle.load("vae")
         pipeline = cls(vae, image_encoder, clip_image_processor, bundle.load("reference_unet"),
                        _load_denoising_unet(bundle), bundle.load("pose_guider"),
                        build_scheduler(scheduler or settings.get("scheduler")),

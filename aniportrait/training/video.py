@@ -35,6 +35,7 @@ weights (the raw weights stay in the Lightning checkpoints).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
@@ -53,12 +54,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from aniportrait.bundle import BUNDLE_FILE, Bundle, export_bundle, load_component_weights
+from aniportrait.bundle import BUNDLE_FILE, Bundle, export_bundle, load_component_weights, load_vae
 from aniportrait.errors import AniPortraitError
 from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpoint
 from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS
-from aniportrait.models.video_backbone import build_video_models
+from aniportrait.models.video_backbone import RANDOM_BACKBONES, build_video_models
 from aniportrait.pipelines.pose2video import INFERENCE_V2_SCHEDULER, Pose2VideoPipeline, build_scheduler
 
 __all__ = ["VideoStage1Module", "VideoStage2Module", "ValidationVideos", "ParameterEMA",
@@ -178,9 +179,12 @@ class _VideoDiffusionModule(pl.LightningModule):
                                    "'epsilon' and 'v_prediction'")
 
         backbone = dict(hp.backbone or {})
+        random_init = backbone.get("kind") in RANDOM_BACKBONES
+        trained_vae = load_vae(backbone["vae"], "backbone.video.vae") if random_init and backbone.get("vae") else None
         try:
             models = build_video_models(backbone, use_motion_module=self.stage == 2,
-                                        motion_module_kwargs=hp.get("motion_module"), pose_guider_kwargs=hp.pose_guider)
+                                        motion_module_kwargs=hp.get("motion_module"), pose_guider_kwargs=hp.pose_guider,
+                                        vae=trained_vae)
         except AniPortraitError as error:  # the models name backbone.<key>; the config nests them under video
             raise AniPortraitError(str(error).replace("backbone.", "backbone.video.")) from error
         self.reference_unet = models.reference_unet
@@ -188,6 +192,10 @@ class _VideoDiffusionModule(pl.LightningModule):
         self.pose_guider = models.pose_guider
         self.frozen = FrozenEncoders(models.vae.requires_grad_(False).eval(),
                                      models.image_encoder.requires_grad_(False).eval(), models.clip_image_processor)
+        self.vae_trained = models.vae_trained
+        # a trained VAE of a random-init backbone travels in the bundle (fp32, as fitted; the frozen copy may be cast)
+        self._vae_export: dict[str, torch.Tensor] | None = (
+            self._vae_state(models.vae) if random_init and models.vae_trained else None)
         self.reference_control = ReferenceAttentionControl(self.reference_unet, self.denoising_unet)
         self._set_trainable()
         if hp.gradient_checkpointing:
@@ -221,6 +229,34 @@ class _VideoDiffusionModule(pl.LightningModule):
     def _trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, param) for name, param in self.named_parameters() if param.requires_grad]
 
+    # -- the frozen VAE ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _vae_state(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {key: value.detach().float().cpu().clone() for key, value in vae.state_dict().items()}
+
+    def use_vae(self, vae: torch.nn.Module) -> None:
+        """Use a trained VAE (``model=vae``'s, or a stage-1 bundle's) frozen, in place of the backbone's."""
+        self.frozen.vae = copy.deepcopy(vae).requires_grad_(False).eval()
+        self.vae_trained = True
+        self._vae_export = self._vae_state(vae)
+
+    def inherit(self, previous: Mapping[str, pl.LightningModule]) -> None:
+        """Take over what earlier stages of a multi-stage run trained: the VAE of ``model=vae``."""
+        if not dict(self.hparams.backbone or {}).get("vae"):
+            for module in previous.values():
+                if hasattr(module, "trained_vae"):
+                    self.use_vae(module.trained_vae())
+
+    def _check_vae(self) -> None:
+        if dict(self.hparams.backbone or {}).get("require_trained_vae") and not self.vae_trained:
+            kind = dict(self.hparams.backbone).get("kind")
+            raise AniPortraitError(
+                f"backbone.video.vae is not set: backbone {kind!r} has no pretrained VAE and a random one reconstructs "
+                "nothing. Fit one first (`python train.py model=vae backbone=...`, or model=all, which runs it before "
+                "stage B) and set backbone.video.vae=<the bundle it prints>"
+            )
+
     # -- setup and initial weights -------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
@@ -236,6 +272,8 @@ class _VideoDiffusionModule(pl.LightningModule):
         if stage == "fit" and not self._weights_initialised:
             self._initialise_weights()
         self._weights_initialised = True
+        if stage == "fit":
+            self._check_vae()
         self._apply_performance_settings()
 
     def _apply_performance_settings(self) -> None:
@@ -561,6 +599,9 @@ class _VideoDiffusionModule(pl.LightningModule):
         if self.stage == 2:
             components["motion_module"] = self.denoising_unet
             state_dicts["motion_module"] = {key: value for key, value in unet_state.items() if ".motion_modules." in key}
+        if self._vae_export is not None:
+            components["vae"] = self.frozen.vae
+            state_dicts["vae"] = self._vae_export
         return components, state_dicts, self.bundle_settings(), self.base_models()
 
     def export(self, out_dir: str | Path, provenance: dict | None = None) -> Path:
@@ -674,6 +715,13 @@ class VideoStage2Module(_VideoDiffusionModule):
     def _frozen_modules(self) -> list[torch.nn.Module]:
         return [self.reference_unet, self.pose_guider]
 
+    def inherit(self, previous: Mapping[str, pl.LightningModule]) -> None:
+        """The VAE (see the base class) and, unless ``stage1`` names other weights, the run's stage-1 result."""
+        super().inherit(previous)
+        stage1 = [module for module in previous.values() if isinstance(module, VideoStage1Module)]
+        if stage1 and not self.hparams.stage1:
+            self.load_stage1_from_module(stage1[-1])
+
     def load_stage1_from_module(self, stage1_module: VideoStage1Module) -> None:
         """Take the stage-1 weights (the ones its bundle would hold: EMA if exported) from a trained module."""
         _, state_dicts, _, _ = stage1_module.bundle_parts()
@@ -693,6 +741,8 @@ class VideoStage2Module(_VideoDiffusionModule):
             bundle = Bundle.open(path)
             bundle.require(*_STAGE1_COMPONENTS, purpose="model.stage1")
             self._load_stage1_state({name: bundle.state_dict(name) for name in _STAGE1_COMPONENTS}, str(path))
+            if bundle.has("vae") and not dict(self.hparams.backbone or {}).get("vae"):
+                self.use_vae(bundle.load("vae"))  # stage 1 was trained through this VAE
         elif path.is_dir():
             files = {name: path / f"{name}.pth" for name in _STAGE1_COMPONENTS}
             absent = [str(file.name) for file in files.values() if not file.is_file()]
