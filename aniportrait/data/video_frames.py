@@ -24,7 +24,10 @@ reproducible, and ranks that draw disjoint indices shard cleanly. :class:`Resuma
 training samples by step, so a resumed run continues with the batch an uninterrupted run would have seen.
 
 Clips shorter than ``(n_sample_frames - 1) * min(sample_rate) + 1`` frames are skipped with a logged count.
-Random access into H.264 decodes from the previous keyframe: datasets prepared with short GOPs load much faster.
+Random access into H.264 decodes from the previous keyframe: datasets prepared with short GOPs load much faster,
+and ``frame_cache_clips`` keeps that many whole decoded clips per loader process (small datasets on fast GPUs:
+every clip decoded once). ``conditioning: false`` leaves out pose images and CLIP pixels (``model=vae`` trains
+on the frames alone).
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ class VideoFrameDataset(Dataset):
 
     def __init__(self, root: str | Path, records: Sequence[ClipRecord], settings: FrameSettings,
                  clip_image_processor: CLIPImageProcessor, split: str = "train", random_clips: bool = True,
-                 augment: bool = True, length: int = 10_000, seed: int = 0, cache_clips: int = 8):
+                 augment: bool = True, length: int = 10_000, seed: int = 0, cache_clips: int = 8,
+                 frame_cache_clips: int = 0, conditioning: bool = True):
         self.root, self.settings, self.split = Path(root), settings, split
         self.clip_image_processor = clip_image_processor
         self.random_clips, self.augment, self.length, self.seed = random_clips, augment, int(length), int(seed)
@@ -130,6 +134,8 @@ class VideoFrameDataset(Dataset):
                 "lower model.loader.n_sample_frames / sample_rate or use longer clips"
             )
         self._cache_size = cache_clips
+        self.frame_cache_clips, self.conditioning = int(frame_cache_clips), bool(conditioning)
+        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()  # whole clips (frame_cache_clips > 0)
         self._landmarks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._readers: OrderedDict[int, Any] = OrderedDict()  # decord readers of this process
         self._readers_pid = os.getpid()
@@ -144,12 +150,12 @@ class VideoFrameDataset(Dataset):
 
     # -- clip access (cached per worker) -------------------------------------------------------------------
 
-    def _cached(self, cache: OrderedDict, index: int, load) -> Any:
+    def _cached(self, cache: OrderedDict, index: int, load, size: int | None = None) -> Any:
         if index in cache:
             cache.move_to_end(index)
             return cache[index]
         cache[index] = value = load()
-        if len(cache) > self._cache_size:
+        if len(cache) > (self._cache_size if size is None else size):
             cache.popitem(last=False)
         return value
 
@@ -174,7 +180,16 @@ class VideoFrameDataset(Dataset):
         return self._cached(self._landmarks, clip_index, load)
 
     def read_frames(self, clip_index: int, indices: np.ndarray) -> np.ndarray:
-        """RGB uint8 frames (n, h, w, 3) of the clip; one decode pass over the sorted unique indices."""
+        """RGB uint8 frames (n, h, w, 3) of the clip; one decode pass over the sorted unique indices (or the whole
+        clip, once, with ``frame_cache_clips``)."""
+        if self.frame_cache_clips > 0:
+            frames = self._cached(self._decoded, clip_index,
+                                  lambda: self._decode(clip_index, np.arange(self.records[clip_index].frames)),
+                                  size=self.frame_cache_clips)
+            return frames[np.asarray(indices)]
+        return self._decode(clip_index, np.asarray(indices))
+
+    def _decode(self, clip_index: int, indices: np.ndarray) -> np.ndarray:
         import decord
 
         record = self.records[clip_index]
@@ -274,25 +289,27 @@ class VideoFrameDataset(Dataset):
         source_size = frames.shape[1:3]
         box = self._centre_box(*source_size) if draw.crop_draw is None else self._crop_box(*source_size, draw.crop_draw)
         images = self._images(frames, box)  # (f + 1, H, W, 3)
-        poses = self._poses(lmks[indices], box, source_size)
         if draw.flip:
-            images, poses = images[:, :, ::-1], poses[:, :, ::-1]
-        reference = np.ascontiguousarray(images[-1])
-        clip_image = self.clip_image_processor(images=reference, return_tensors="pt").pixel_values[0]
+            images = images[:, :, ::-1]
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        pose_images = scale_pose_images(torch.from_numpy(np.ascontiguousarray(poses)).permute(0, 3, 1, 2),
-                                        self.settings.pose_scaling)  # (f + 1, 3, H, W)
-        return {
+        sample = {
             "pixel_values": pixels[:-1],
-            "pose_images": pose_images[:-1],
             "reference_image": pixels[-1],
-            "reference_pose": pose_images[-1],
-            "clip_image": clip_image,
             "sample_index": torch.tensor(int(index), dtype=torch.long),
             "clip_index": torch.tensor(draw.clip_index, dtype=torch.long),
             "frame_indices": torch.from_numpy(draw.frame_indices),
             "reference_frame": torch.tensor(draw.reference_frame, dtype=torch.long),
         }
+        if not self.conditioning:
+            return sample
+        poses = self._poses(lmks[indices], box, source_size)
+        if draw.flip:
+            poses = poses[:, :, ::-1]
+        reference = np.ascontiguousarray(images[-1])
+        clip_image = self.clip_image_processor(images=reference, return_tensors="pt").pixel_values[0]
+        pose_images = scale_pose_images(torch.from_numpy(np.ascontiguousarray(poses)).permute(0, 3, 1, 2),
+                                        self.settings.pose_scaling)  # (f + 1, 3, H, W)
+        return {**sample, "pose_images": pose_images[:-1], "reference_pose": pose_images[-1], "clip_image": clip_image}
 
     def preview(self, index: int, num_frames: int) -> dict[str, Any]:
         """Material for a sample video of clip ``index % clips``, uncropped and unscaled (uint8 images):
@@ -367,14 +384,18 @@ class VideoFrameDataModule(pl.LightningDataModule):
     ``prepare_data``). ``sample_rate`` is a stride or a list of strides, one drawn per sample.
     ``clip_image_processor``: CLIPImageProcessor settings matching the backbone's image encoder
     (``{}``: CLIP's 224 px defaults, as official). ``pin_memory``: None pins when CUDA is available.
+    ``frame_cache_clips``: whole decoded clips kept per loader process (0: decode the frames a sample needs).
+    ``conditioning``: false leaves pose images and CLIP pixels out of the samples (frames-only training).
     """
 
     def __init__(self, source, n_sample_frames: int = 1, sample_rate: int | Sequence[int] = 1, width: int = 512,
                  height: int = 512, pose_scaling: str = "unit", clip_image_processor: Mapping[str, Any] | None = None,
                  crop_scale: Sequence[float] = (1.0, 1.0), horizontal_flip: float = 0.0, batch_size: int = 2,
                  eval_batch_size: int = 2, num_workers: int = 4, pin_memory: bool | None = None,
-                 samples_per_epoch: int = 100_000, seed: int = 0):
+                 samples_per_epoch: int = 100_000, seed: int = 0, frame_cache_clips: int = 0,
+                 conditioning: bool = True):
         super().__init__()
+        self.dataset_options = {"frame_cache_clips": int(frame_cache_clips), "conditioning": bool(conditioning)}
         self.source = source
         rates = [sample_rate] if isinstance(sample_rate, int) else list(sample_rate)
         self.frame_settings = FrameSettings(
@@ -422,6 +443,7 @@ class VideoFrameDataModule(pl.LightningDataModule):
             self.datasets[split] = VideoFrameDataset(
                 self.root, records, self.frame_settings, self.clip_image_processor, split=split,
                 random_clips=training, augment=training, length=self.samples_per_epoch, seed=self.seed,
+                **self.dataset_options,
             )
         if "train" not in self.datasets:
             raise AniPortraitError(f"{self.root}: the manifest has no train clips")
@@ -429,7 +451,7 @@ class VideoFrameDataModule(pl.LightningDataModule):
             log.warning("%s: no val clips; validating on the train clips", self.root)
             self.datasets["val"] = VideoFrameDataset(
                 self.root, manifest.split("train"), self.frame_settings, self.clip_image_processor, split="train",
-                random_clips=False, augment=False, seed=self.seed)
+                random_clips=False, augment=False, seed=self.seed, **self.dataset_options)
         fps_values, counts = np.unique([record.fps for record in self.datasets["train"].records], return_counts=True)
         self.fps = float(fps_values[np.argmax(counts)])
 
@@ -454,7 +476,10 @@ class VideoFrameDataModule(pl.LightningDataModule):
             raise AniPortraitError(f"{self.root}: the manifest has no test clips")
         return self._eval_loader("test")
 
-    def preview_samples(self, count: int, num_frames: int) -> list[dict[str, Any]]:
-        """``count`` sample-video inputs from the validation clips (see :meth:`VideoFrameDataset.preview`)."""
-        dataset = self.datasets["val"]
+    def preview_samples(self, count: int | None, num_frames: int, split: str = "val") -> list[dict[str, Any]]:
+        """``count`` (None: all) sample-video inputs from the clips of ``split`` (see :meth:`VideoFrameDataset.preview`)."""
+        if split not in self.datasets:
+            raise AniPortraitError(f"{self.root}: the manifest has no {split} clips")
+        dataset = self.datasets[split]
+        count = len(dataset.records) if count is None else count
         return [dataset.preview(index, num_frames) for index in range(min(count, len(dataset.records)))]
