@@ -50,6 +50,7 @@ from aniportrait.metrics.landmarks import lip_vertex_error, mean_vertex_error, m
 from aniportrait.metrics.suite import (
     HIGHER_IS_BETTER,
     METRICS,
+    REFERENCE_VALUED,
     ClipPair,
     MetricSuite,
     VideoSample,
@@ -257,9 +258,18 @@ class ClipPairDataset(torch.utils.data.Dataset):
             return pair
         reference, generated, fps, pair.alignment = align_videos(reference, record.fps, generated, generated_fps,
                                                                  self.protocol)
-        count = len(reference)
         if fps != record.fps:
             clip_lmks = clip_lmks[resample_indices(len(clip_lmks), record.fps, fps)]
+        still_index = min(int(self.protocol.get("reference_frame", 0)), len(reference) - 1)
+        still = (reference[still_index : still_index + 1], clip_lmks[still_index : still_index + 1])
+        start = min(int(self.protocol.get("score_from") or 0), len(reference) - 1)
+        if start:  # e.g. the reference frame itself, which copying reproduces perfectly
+            reference, clip_lmks = reference[start:], clip_lmks[start:]
+            generated = None if generated is None else generated[start:]
+            reference_audio = None if reference_audio is None else reference_audio[round(start / fps * SAMPLE_RATE):]
+            generated_audio = None if generated_audio is None else generated_audio[round(start / fps * SAMPLE_RATE):]
+            pair.alignment["score_from"] = f"frames before {start} not scored"
+        count = len(reference)
         pair.reference = prepare_sample(
             VideoSample(torch.from_numpy(np.ascontiguousarray(reference)), fps, _cut_audio(reference_audio, count, fps)),
             self.settings, self.landmarker_model, clip_lmks)
@@ -273,9 +283,16 @@ class ClipPairDataset(torch.utils.data.Dataset):
             pair.methods["generated"] = prepare_sample(sample, self.settings, self.landmarker_model, clip_lmks)
         if self._sanity():
             pair.methods["ground_truth"] = pair.reference
+            if start > still_index:  # the reference frame was cut from the scored range: find its landmarks alone
+                source = prepare_sample(VideoSample(torch.from_numpy(np.ascontiguousarray(still[0])), fps, None),
+                                        {**self.settings, "components": self.settings["components"] - {"sync"}},
+                                        self.landmarker_model, still[1])
+                source_frame, source_lmks = 0, still[1]
+            else:
+                source, source_frame, source_lmks = pair.reference, still_index - start, clip_lmks
             pair.methods["copy_reference"] = copy_reference_sample(
-                pair.reference, min(int(self.protocol.get("reference_frame", 0)), count - 1), self.settings,
-                self.landmarker_model is not None, clip_lmks)
+                source, source_frame, self.settings, self.landmarker_model is not None, source_lmks, count=count,
+                audio=pair.reference.audio)
             pair.status.update({method: "ok" for method in SANITY_METHODS})
         return pair
 
@@ -349,7 +366,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| metric | " + " | ".join(_METHOD_TITLES.get(m, m) for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
     for name in metric_names:
-        arrow = "" if name == "av_offset" else (" ↑" if HIGHER_IS_BETTER[name] else " ↓")
+        arrow = "" if name in REFERENCE_VALUED else (" ↑" if HIGHER_IS_BETTER[name] else " ↓")
         cells = [_format(results["metrics"][m].get(name)) for m in methods]
         lines.append(f"| {name}{arrow} | " + " | ".join(cells) + " |")
     for name, reason in results["unavailable"].items():
@@ -496,10 +513,12 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
     else the reference pose held). Each video gets the clip's audio, the clip's fps, and
     ``protocol.frames_per_clip`` frames at most; seeds are ``generation.seed`` for every clip.
     """
+    from aniportrait.pipelines.ablation import ablated
     from aniportrait.pipelines.pose2video import Pose2VideoPipeline
 
     name, generation = protocol["name"], protocol.get("generation", {})
     pipeline = Pose2VideoPipeline.from_bundle(bundle, device)
+    ablations = list(generation.get("ablate") or [])
     settings = pipeline.video_settings
     landmarks_model = AudioToLandmarks.from_bundle(bundle, device) if name == "audio_driven" else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -520,14 +539,15 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
                                                 poses, (height, width))
         size_h = int(generation.get("height") or settings.get("height") or height)
         size_w = int(generation.get("width") or settings.get("width") or width)
-        video = pipeline(
-            frames[reference_frame], pose_images,
-            reference_pose=_pose_images(arrays["lmks"][reference_frame : reference_frame + 1], height, width)[0],
-            num_inference_steps=int(generation.get("steps") or settings.get("num_inference_steps", 25)),
-            guidance_scale=float(generation.get("guidance_scale") or settings.get("guidance_scale", 3.5)),
-            context_frames=int(settings.get("context_frames", 16)), context_overlap=int(settings.get("context_overlap", 4)),
-            generator=torch.Generator(device=device).manual_seed(int(generation.get("seed", 0))),
-            width=size_w, height=size_h, progress=False)
+        with ablated(pipeline, *ablations):
+            video = pipeline(
+                frames[reference_frame], pose_images,
+                reference_pose=_pose_images(arrays["lmks"][reference_frame : reference_frame + 1], height, width)[0],
+                num_inference_steps=int(generation.get("steps") or settings.get("num_inference_steps", 25)),
+                guidance_scale=float(generation.get("guidance_scale") or settings.get("guidance_scale", 3.5)),
+                context_frames=int(settings.get("context_frames", 16)), context_overlap=int(settings.get("context_overlap", 4)),
+                generator=torch.Generator(device=device).manual_seed(int(generation.get("seed", 0))),
+                width=size_w, height=size_h, progress=False)
         write_video(out_dir / f"{record.id}.mp4", video, record.fps, audio=_cut_audio(audio, count, record.fps))
     return out_dir
 

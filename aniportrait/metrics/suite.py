@@ -59,6 +59,7 @@ from aniportrait.metrics.weights import MetricUnavailable, file_digest, resolve_
 __all__ = [
     "METRICS",
     "HIGHER_IS_BETTER",
+    "REFERENCE_VALUED",
     "VideoSample",
     "ClipPair",
     "MetricSuite",
@@ -73,10 +74,14 @@ log = logging.getLogger(__name__)
 METRICS: dict[str, str] = {
     "fid": "fid", "fvd": "fvd", "lpips": "lpips", "ssim": "ssim", "psnr": "psnr",
     "lse_d": "sync", "lse_c": "sync", "av_offset": "sync",
-    "lmd_face": "landmarks", "lmd_mouth": "landmarks", "blendshape_error": "landmarks", "csim": "identity",
+    "lmd_face": "landmarks", "lmd_mouth": "landmarks", "blendshape_error": "landmarks", "jitter_mouth": "landmarks",
+    "face_detection_rate": "landmarks", "csim": "identity",
 }
 HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "lse_c": True, "csim": True, "fid": False, "fvd": False,
-                    "lpips": False, "lse_d": False, "lmd_face": False, "lmd_mouth": False, "blendshape_error": False}
+                    "lpips": False, "lse_d": False, "lmd_face": False, "lmd_mouth": False, "blendshape_error": False,
+                    "face_detection_rate": True}
+# Not better either way: compared with the ground truth's own value (the ground_truth sanity row).
+REFERENCE_VALUED = ("jitter_mouth", "av_offset")
 COMPONENTS = ("fid", "fvd", "lpips", "ssim", "psnr", "sync", "landmarks", "identity")
 
 
@@ -172,11 +177,14 @@ def _attach_sync_crops(sample: VideoSample, settings: dict, have_landmarker: boo
 
 
 def copy_reference_sample(reference: VideoSample, frame: int, settings: dict, have_landmarker: bool,
-                          clip_landmarks: np.ndarray | None) -> VideoSample:
-    """The "copy the reference frame" baseline: frame ``frame`` of the ground truth for every frame, with the
-    ground truth's audio; its landmarks are that frame's, repeated (no second detection)."""
-    count = len(reference.frames)
-    still = VideoSample(reference.frames[frame : frame + 1].expand(count, -1, -1, -1), reference.fps, reference.audio,
+                          clip_landmarks: np.ndarray | None, count: int | None = None,
+                          audio: np.ndarray | None = None) -> VideoSample:
+    """The "copy the reference frame" baseline: frame ``frame`` of ``reference`` (the ground truth, or the reference
+    frame alone) for each of ``count`` frames (default: the reference's length), with ``audio`` (default the
+    reference's); its landmarks are that frame's, repeated (no second detection)."""
+    count = len(reference.frames) if count is None else int(count)
+    still = VideoSample(reference.frames[frame : frame + 1].expand(count, -1, -1, -1), reference.fps,
+                        reference.audio if audio is None else audio,
                         notes={key: value for key, value in reference.notes.items() if key != "sync"}, still=True)
     if reference.landmarks is not None:
         still.landmarks = {key: np.repeat(value[frame : frame + 1], count, axis=0) for key, value in reference.landmarks.items()}
@@ -425,6 +433,14 @@ class MetricSuite:
         for metric, per_frame in values.items():
             row[metric] = float(per_frame.mean())
             self._add(method, metric, row[metric], int(both.sum()))
+        own = sample.landmarks["valid"]
+        row["face_detection_rate"] = float(own.mean())  # of the scored frames, in the video's own detection
+        self._add(method, "face_detection_rate", row["face_detection_rate"], len(own))
+        steps = own[1:] & own[:-1]  # consecutive frames both with a face
+        if steps.any():
+            own_px = sample.landmarks["lmks"][:, list(MOUTH_POINTS), :2] * scale
+            row["jitter_mouth"] = float(np.linalg.norm(own_px[1:] - own_px[:-1], axis=-1).mean(axis=-1)[steps].mean())
+            self._add(method, "jitter_mouth", row["jitter_mouth"], int(steps.sum()))
         if not both.all():
             notes["landmarks"] = f"{int(both.sum())}/{len(both)} frames with a face in both videos"
 
