@@ -25,7 +25,7 @@ __all__ = ["train", "print_metrics", "lookup_metric"]
 
 log = logging.getLogger(__name__)
 
-_STAGE_KEYS = ("loader", "trainer")  # stage settings that are not LightningModule arguments
+_STAGE_KEYS = ("loader", "trainer", "enabled")  # stage settings that are not LightningModule arguments
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -41,8 +41,9 @@ def _module_config(stage_cfg: DictConfig) -> DictConfig:
 
 
 def _stages(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The stages to run: ``model`` itself, or ``model.stages`` minus those with ``enabled: false``."""
     if "stages" in cfg.model:
-        return dict(cfg.model.stages)
+        return {name: stage for name, stage in cfg.model.stages.items() if stage.get("enabled", True)}
     return {"model": cfg.model}
 
 
@@ -72,10 +73,11 @@ def lookup_metric(metrics: dict[str, float], name: str | None) -> float | None:
 
 
 def _fit_stage(cfg: DictConfig, name: str, stage_cfg: DictConfig, source, output_dir: Path, multi: bool,
-               previous: dict[str, pl.LightningModule]) -> tuple[pl.LightningModule, dict[str, float], pl.Trainer]:
+               previous: dict[str, pl.LightningModule]) -> tuple[pl.LightningModule, dict[str, float], pl.Trainer,
+                                                                 pl.LightningDataModule]:
     module = hydra.utils.instantiate(_module_config(stage_cfg), _recursive_=False)
-    if hasattr(module, "load_stage1_from_module") and "video_stage1" in previous and not stage_cfg.get("stage1"):
-        module.load_stage1_from_module(previous["video_stage1"])
+    if previous and hasattr(module, "inherit"):  # e.g. the VAE of model=vae, stage 2's stage-1 weights
+        module.inherit(previous)
     datamodule = hydra.utils.instantiate(stage_cfg.loader, source=source)
     trainer_cfg = OmegaConf.merge(cfg.trainer, stage_cfg.get("trainer") or {}, cfg.get("trainer_overrides") or {})
     callbacks_cfg = OmegaConf.create(OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True))
@@ -108,7 +110,24 @@ def _fit_stage(cfg: DictConfig, name: str, stage_cfg: DictConfig, source, output
                 wandb.finish()
     if multi:
         metrics = {f"{name}/{key}": value for key, value in metrics.items()}
-    return module, metrics, trainer
+    return module, metrics, trainer, datamodule
+
+
+def _held_out_videos(cfg: DictConfig, module: pl.LightningModule, datamodule, trainer: pl.Trainer,
+                     output_dir: Path) -> dict[str, float]:
+    """``held_out_videos``: the last stage-B model re-animates the test clips (aniportrait/training/heldout.py)."""
+    from aniportrait.training.heldout import held_out_video_metrics
+
+    settings = OmegaConf.to_container(cfg.held_out_videos, resolve=True)
+    if "test" not in getattr(datamodule, "datasets", {}):
+        log.warning("held_out_videos: the dataset has no test clips; skipped")
+        return {}
+    log.info("held-out videos: generating the test clips")
+    module.to(trainer.strategy.root_device)  # fit's teardown left it on the CPU
+    try:
+        return held_out_video_metrics(module, datamodule, output_dir, **settings)
+    finally:
+        module.cpu()
 
 
 def _export(modules: dict[str, pl.LightningModule], out_dir: Path, provenance: dict) -> Path:
@@ -139,12 +158,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
     source = hydra.utils.instantiate(cfg.data)
     trained: dict[str, pl.LightningModule] = {}
     metrics: dict[str, float] = {}
-    trainer = None
+    trainer = video = None
     for name, stage_cfg in stages.items():
         log.info("training stage %s", name)
-        module, stage_metrics, trainer = _fit_stage(cfg, name, stage_cfg, source, output_dir, multi, trained)
+        module, stage_metrics, trainer, datamodule = _fit_stage(cfg, name, stage_cfg, source, output_dir, multi, trained)
         trained[name] = module
         metrics.update(stage_metrics)
+        if hasattr(module, "sampling_pipeline"):
+            video = (module, datamodule, trainer)
+    if video is not None and cfg.get("held_out_videos") and trainer.is_global_zero:
+        metrics.update(_held_out_videos(cfg, *video, output_dir))
     bundle = None
     if cfg.get("export", True) and trainer.is_global_zero:
         bundle = _export(trained, output_dir / "bundle", provenance={
