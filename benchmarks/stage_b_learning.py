@@ -1,0 +1,404 @@
+"""Stage B provably learns: trained from scratch, it re-animates held-out clips better than copying the reference.
+
+Two datasets: (a) the embedded synthetic talking heads (6 identities; one clip per identity held out as the test
+split) and (b) the real talking-head clips of ``shared/samples`` prepared by ``aniportrait.data.prepare`` at 256 px
+with the end of every clip held back (``aniportrait.data.holdout``: train | gap | val | gap | test by time).
+For each, ``python train.py backbone=small model=all`` trains the VAE (model=vae), stage 1 and stage 2 from random
+weights (stage A is left out: it plays no part here), then ``python evaluate.py protocol=self_reenactment`` generates
+every test clip (reference = its first frame, driver = its ground-truth landmarks) through the normal pipeline,
+once with the full model and once per ablation of the same weights:
+
+    no_pose_guider   PoseGuider features zeroed              -> lmd_mouth should grow >= 2x
+    no_reference     reference bank emptied                  -> psnr should drop >= 3 dB
+    stage1_only      motion modules skipped (stage 1 alone)  -> mouth jitter further from the ground truth's
+
+Targets (issue 12): psnr >= copy_reference.psnr + 1 dB and lmd_mouth <= 0.5 x copy_reference.lmd_mouth.
+
+The GPU has no MediaPipe, so the work is split in two phases:
+
+    # 1. here (CPU): the held-out real dataset, carried to the GPU machine (ignored folder .device_carry/)
+    python benchmarks/stage_b_learning.py prepare-real --out .device_carry/real256
+    # 2. on the GPU: train + generate (both datasets side by side on one GPU fit one 10-minute call)
+    python benchmarks/stage_b_learning.py train --dataset synthetic --work $W/synthetic --out $OUT/synthetic.tar.gz &
+    python benchmarks/stage_b_learning.py train --dataset real --data .device_carry/real256 --work $W/real \
+        --out $OUT/real.tar.gz
+    # 3. here (CPU): MediaPipe landmarks of every generated and ground-truth video (evaluate.py generated=DIR),
+    #    the targets, benchmarks/results/stage_b_learning.json, its curves PNG and frame strips
+    python benchmarks/stage_b_learning.py score --pack synthetic=synthetic.tar.gz --pack real=real.tar.gz
+
+``--tiny`` trains backbone=tiny for a few seconds per stage (a CPU smoke test of phases 2 and 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SHARED = Path(os.environ.get("ANIPORTRAIT_SHARED", REPO.parent / "shared"))
+LANDMARKER = SHARED / "samples" / "models" / "face_landmarker_v2_with_blendshapes.task"
+VARIANTS: dict[str, list[str]] = {"full": [], "no_pose_guider": ["pose_guider"], "no_reference": ["reference"],
+                                  "stage1_only": ["motion_modules"]}
+SYNTHETIC = {"identities": 6, "clips_per_identity": 8, "clip_seconds": 4.0, "size": 256, "seed": 0}
+STAGES = ("vae", "video_stage1", "video_stage2")
+
+
+def run(command: list[str], env: dict[str, str], log: Path, timeout: float | None = None, check: bool = True) -> str:
+    """Run a command of this repository, its stderr to ``log``; its stdout, or exit with the log's tail. Past
+    ``timeout`` seconds the command gets SIGABRT, so Python's faulthandler writes where every thread was."""
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONFAULTHANDLER": "1", **env},
+                                   stdout=subprocess.PIPE, stderr=handle, text=True)
+        try:
+            stdout, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack into the log
+            try:
+                stdout, _ = process.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, _ = process.communicate()
+            handle.write(f"\n[stage_b_learning] stopped after {timeout} s\n")
+        handle.write(stdout)
+    print(f"[{time.perf_counter() - started:6.1f} s] {' '.join(command[:3])} ... -> exit {process.returncode}",
+          flush=True)
+    if process.returncode != 0:
+        if not check:
+            print(f"{' '.join(command[:3])} ... failed:\n{log.read_text()[-2000:]}", flush=True)
+            return ""
+        sys.exit(f"{' '.join(command)} failed:\n{log.read_text()[-4000:]}")
+    return stdout
+
+
+# -- phase 1: the held-out real dataset ---------------------------------------------------------------------
+
+
+def prepare_real(out: Path, size: int) -> None:
+    from aniportrait.data.holdout import HoldoutSettings, split_frame_ranges
+
+    with tempfile.TemporaryDirectory() as work:
+        prepared = Path(work) / "prepared"
+        run([sys.executable, "-m", "aniportrait.data.prepare", f"input={SHARED / 'samples' / 'video'}",
+             f"output={prepared}", f"size={size}", "fps=25", "workers=1", f"landmarker_model={LANDMARKER}",
+             "progress=false", "mux_audio=false"], {}, Path(work) / "prepare.log")
+        # video only, crf 23: stage B needs no speech, and the dataset must travel to the GPU beside the wheels
+        manifest = split_frame_ranges(prepared, out, HoldoutSettings(test_fraction=0.25, val_fraction=0.08,
+                                                                      gap_seconds=0.4, crf=23, audio=False))
+    print(f"{out}: " + ", ".join(f"{len(manifest.split(s))} {s}" for s in ("train", "val", "test")) + " clips")
+
+
+# -- phase 2: train and generate (GPU) ----------------------------------------------------------------------
+
+
+def _synthetic_root(work: Path, tiny: bool) -> Path:
+    from aniportrait.data.sources import SyntheticSource
+
+    spec = {**SYNTHETIC, **({"identities": 3, "clips_per_identity": 3, "clip_seconds": 1.5, "size": 64} if tiny else {})}
+    return SyntheticSource(root=str(work / "data"), workers=min(16, os.cpu_count() or 1), progress=False,
+                           **spec).resolve()
+
+
+def _duration(seconds: float) -> str:
+    """Lightning's max_time string DD:HH:MM:SS."""
+    seconds = max(1, round(seconds))
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
+    workers = args.workers
+    seconds = {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds}
+    overrides = [
+        f"backbone={'tiny' if args.tiny else 'small'}", "model=all", "model.stages.audio.enabled=false",
+        "data=clips", f"data.root={root}", f"trainer={'cpu' if args.tiny else 'gpu'}", "held_out_videos.num_frames=48",
+        "callbacks.model_checkpoint.save_top_k=0", "callbacks.progress_bar.refresh_rate=200", "logger=csv",
+        f"backbone.video.learning_rate={args.lr}",
+    ]
+    if not args.tiny:
+        overrides += [f"backbone.video.width={args.size}", f"backbone.video.height={args.size}"]
+    batch = {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch}
+    for stage in STAGES:
+        prefix = f"model.stages.{stage}"
+        overrides += [
+            f"{prefix}.trainer.max_steps={args.max_steps}", f"+{prefix}.trainer.max_time={_duration(seconds[stage])}",
+            f"{prefix}.trainer.val_check_interval={args.val_every}", f"{prefix}.loader.batch_size={batch[stage]}",
+            f"{prefix}.loader.num_workers={workers}", f"{prefix}.loader.frame_cache_clips=1000",
+        ]
+    overrides += ["model.stages.video_stage2.gradient_checkpointing=false",
+                  "model.stages.video_stage1.callbacks.validation_videos.num_videos=1",
+                  "model.stages.video_stage2.callbacks.validation_videos.num_videos=1",
+                  "model.stages.vae.optimizer.lr=4e-4"]
+    return overrides
+
+
+def _csv_metrics(run_dir: Path) -> dict[str, list[dict[str, float]]]:
+    """Per stage, the rows of its CSV log (step + whatever was logged)."""
+    curves = {}
+    for stage in STAGES:
+        files = sorted(run_dir.glob(f"csv/{stage}/metrics.csv")) or sorted(run_dir.glob(f"{stage}/**/metrics.csv"))
+        if not files:
+            continue
+        with open(files[0]) as handle:
+            rows = []
+            for row in csv.DictReader(handle):
+                rows.append({key: float(value) for key, value in row.items() if value not in ("", None)})
+        curves[stage] = rows
+    return curves
+
+
+def train_and_generate(args: argparse.Namespace) -> None:
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = {"ANIPORTRAIT_LOGS": str(work / "logs"), "ANIPORTRAIT_DATA": str(work / "data"), "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    root = _synthetic_root(work, args.tiny) if args.dataset == "synthetic" else args.data.resolve()
+    data_seconds = time.perf_counter() - started
+    stdout = run([sys.executable, "train.py", *_train_overrides(args, root)], env, work / "train.log",
+                 timeout=args.timeout)
+    train_seconds = time.perf_counter() - started - data_seconds
+    bundle = Path(stdout.strip().splitlines()[-1].removeprefix("bundle: "))
+    run_dir = bundle.parent
+    final = dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout))
+    evaluations = {}
+    for variant, ablate in VARIANTS.items():  # a failed variant is reported; the others still run
+        out_dir = work / "eval" / variant
+        run([sys.executable, "evaluate.py", f"bundle={bundle}", "data=clips", f"data.root={root}",
+             "protocol=self_reenactment", f"protocol.generation.ablate=[{','.join(ablate)}]",
+             f"protocol.generation.steps={args.steps}", "metrics.enabled=[ssim,psnr]", "metrics.download=false",
+             f"output_dir={out_dir}", "num_workers=2"], env, work / f"evaluate_{variant}.log",
+            timeout=args.eval_timeout, check=False)
+        if (out_dir / "metrics.json").is_file():
+            evaluations[variant] = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+    record = {
+        "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny, "size": 64 if args.tiny else args.size,
+        "seconds": {"data": round(data_seconds, 1), "train": round(train_seconds, 1),
+                    "total": round(time.perf_counter() - started, 1)},
+        "budget_seconds": {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds,
+                           "video_stage2": args.stage2_seconds},
+        "batch": {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch},
+        "learning_rate": args.lr, "sampling_steps": args.steps, "final_metrics": {k: float(v) for k, v in final.items()},
+        "curves": _csv_metrics(run_dir), "gpu_metrics": evaluations, "gpu": _gpu_name(),
+    }
+    (work / "record.json").write_text(json.dumps(record, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(args.out, "w:gz") as tar:
+        tar.add(work / "record.json", arcname="record.json")
+        for variant in VARIANTS:
+            if (work / "eval" / variant / "generated").is_dir():
+                tar.add(work / "eval" / variant / "generated", arcname=f"generated/{variant}")
+        for strip in sorted(run_dir.glob("held_out_strip_*.png")):
+            tar.add(strip, arcname=f"strips/{strip.name}")
+        tar.add(work / "train.log", arcname="train.log")
+    print(f"pack: {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
+# -- phase 3: score (CPU, MediaPipe) ------------------------------------------------------------------------
+
+
+def _row(metrics: dict[str, Any], method: str) -> dict[str, float | None]:
+    values = metrics.get(method, {})
+    return {"psnr": values.get("psnr"), "ssim": values.get("ssim"), "mouth_lmd": values.get("lmd_mouth"),
+            "face_lmd": values.get("lmd_face"), "mouth_jitter": values.get("jitter_mouth"),
+            "detection_rate": values.get("face_detection_rate")}
+
+
+def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
+    with tarfile.open(pack) as tar:
+        tar.extractall(work, filter="data")
+    record = json.loads((work / "record.json").read_text())
+    if name == "synthetic":
+        root = _synthetic_root(work, record["tiny"])
+    else:
+        root = REPO / ".device_carry" / record["root_name"]
+        if not root.is_dir():
+            sys.exit(f"{root} is missing: run `python benchmarks/stage_b_learning.py prepare-real --out {root}` first")
+    env = {"ANIPORTRAIT_LOGS": str(work / "logs"), "ANIPORTRAIT_DATA": str(work / "data")}
+    scored = {}
+    for variant in VARIANTS:
+        out_dir = work / "scores" / variant
+        run([sys.executable, "evaluate.py", f"generated={work / 'generated' / variant}", "data=clips",
+             f"data.root={root}", "protocol=self_reenactment", "metrics.enabled=[ssim,psnr,landmarks]",
+             f"metrics.face_landmarker={LANDMARKER}", "metrics.download=false", f"output_dir={out_dir}",
+             "num_workers=2"], env, work / f"score_{variant}.log")
+        scored[variant] = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+    full = _row(scored["full"], "generated")
+    copy = _row(scored["full"], "copy_reference")
+    truth = _row(scored["full"], "ground_truth")
+    ablations = {variant: _row(scored[variant], "generated") for variant in VARIANTS if variant != "full"}
+
+    def ratio(a, b):
+        return None if a is None or b in (None, 0) else a / b
+
+    jitter_gap = {variant: None if row["mouth_jitter"] is None or truth["mouth_jitter"] is None
+                  else abs(row["mouth_jitter"] - truth["mouth_jitter"])
+                  for variant, row in {"full": full, "stage1_only": ablations["stage1_only"]}.items()}
+    targets = {
+        "psnr_gain_over_copy_db": None if full["psnr"] is None else full["psnr"] - copy["psnr"],
+        "psnr_beats_copy_by_1db": None if full["psnr"] is None else full["psnr"] >= copy["psnr"] + 1.0,
+        "mouth_lmd_ratio_to_copy": ratio(full["mouth_lmd"], copy["mouth_lmd"]),
+        "mouth_lmd_at_most_half_copy": None if ratio(full["mouth_lmd"], copy["mouth_lmd"]) is None
+        else ratio(full["mouth_lmd"], copy["mouth_lmd"]) <= 0.5,
+        "no_pose_guider_mouth_lmd_ratio": ratio(ablations["no_pose_guider"]["mouth_lmd"], full["mouth_lmd"]),
+        "no_pose_guider_at_least_2x": None if ratio(ablations["no_pose_guider"]["mouth_lmd"], full["mouth_lmd"]) is None
+        else ratio(ablations["no_pose_guider"]["mouth_lmd"], full["mouth_lmd"]) >= 2.0,
+        "no_reference_psnr_drop_db": None if full["psnr"] is None else full["psnr"] - ablations["no_reference"]["psnr"],
+        "no_reference_at_least_3db_lower": None if full["psnr"] is None
+        else full["psnr"] - ablations["no_reference"]["psnr"] >= 3.0,
+        "mouth_jitter_gap_to_ground_truth": jitter_gap,
+        "stage2_jitter_closer_than_stage1": None if None in jitter_gap.values()
+        else jitter_gap["full"] < jitter_gap["stage1_only"],
+    }
+    curves = record["curves"]
+    training = {stage: {"steps": int(max((row.get("step", 0) for row in rows), default=0)) + 1,
+                        "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
+                for stage, rows in curves.items()}
+    return {
+        **full, "copy_reference": copy, "ground_truth": truth, "ablations": ablations, "targets": targets,
+        "training": {"stages": training, "train_minutes": round(record["seconds"]["train"] / 60, 2),
+                     "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
+                     "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],
+                     "sampling_steps": record["sampling_steps"]},
+        "clips_scored": len(json.loads((work / "scores" / "full" / "metrics.json").read_text()).get("clips", [])) // 3,
+        "end_of_training_metrics": record["final_metrics"], "_curves": curves, "_strips": sorted(
+            str(path) for path in (work / "strips").glob("*.png")),
+    }
+
+
+def _plot_curves(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("vae", "val/psnr", "VAE: held-out reconstruction PSNR (dB)"),
+              ("video_stage1", "train/loss", "stage 1: training loss"), ("video_stage1", "val/loss", "stage 1: val loss"),
+              ("video_stage2", "val/loss", "stage 2: val loss")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+    for axis, (stage, key, title) in zip(axes, panels):
+        for dataset, result in results.items():
+            rows = [row for row in result["_curves"].get(stage, []) if key in row]
+            if not rows:
+                continue
+            steps = [row["step"] for row in rows]
+            values = [row[key] for row in rows]
+            if key.startswith("train/") and len(values) > 20:  # a running mean: per-step losses are noisy
+                window = max(1, len(values) // 20)
+                values = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1])
+                          for i in range(len(values))]
+            axis.plot(steps, values, label=dataset)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("step")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _strip(results: dict[str, Any], path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    images = []
+    for result in results.values():
+        for strip in result["_strips"][:1]:
+            image = cv2.imread(strip)
+            scale = 128 / (image.shape[0] / 3)  # three rows
+            images.append(cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+                                     interpolation=cv2.INTER_AREA))
+    if images:
+        width = max(image.shape[1] for image in images)
+        images = [np.pad(image, ((0, 4), (0, width - image.shape[1]), (0, 0)), constant_values=255) for image in images]
+        cv2.imwrite(str(path), np.concatenate(images))
+
+
+def score(args: argparse.Namespace) -> None:
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for spec in args.pack:
+            name, _, pack = spec.partition("=")
+            if name not in ("synthetic", "real") or not pack:
+                sys.exit(f"--pack {spec!r}: expected synthetic=PATH or real=PATH")
+            results[name] = _score_dataset(name, Path(pack), Path(scratch) / name)
+        out = args.results
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _plot_curves(results, out.with_name(out.stem + "_curves.png"))
+        _strip(results, out.with_name(out.stem + "_strip.jpg"))
+    document = {
+        "benchmark": "benchmarks/stage_b_learning.py", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "protocol": "evaluate.py protocol=self_reenactment on the test split: reference = the clip's first frame, "
+                    "driver = its ground-truth landmarks; frame 0 (the reference itself) not scored (score_from=1); "
+                    "landmarks: MediaPipe FaceLandmarker of generated and ground-truth frames (CPU, after the GPU run); "
+                    "mouth_lmd / mouth_jitter in pixels of the 256 px frames",
+        "scoring_machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "datasets": {name: {key: value for key, value in result.items() if not key.startswith("_")}
+                     for name, result in results.items()},
+    }
+    args.results.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps({name: {k: v for k, v in r.items() if k in ("psnr", "mouth_lmd", "copy_reference", "targets")}
+                      for name, r in document["datasets"].items()}, indent=1))
+    print(f"results: {args.results}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare-real", help="the held-out real dataset (CPU, MediaPipe)")
+    prepare.add_argument("--out", type=Path, default=REPO / ".device_carry" / "real256")
+    prepare.add_argument("--size", type=int, default=256)
+    train = commands.add_parser("train", help="train and generate one dataset (GPU)")
+    train.add_argument("--dataset", choices=["synthetic", "real"], required=True)
+    train.add_argument("--data", type=Path, help="the held-out real dataset (prepare-real)")
+    train.add_argument("--work", type=Path, required=True)
+    train.add_argument("--out", type=Path, required=True, help="the pack (.tar.gz) of what phase 3 scores")
+    train.add_argument("--tiny", action="store_true", help="backbone=tiny on the CPU for seconds (smoke test)")
+    train.add_argument("--size", type=int, default=256)
+    train.add_argument("--vae-seconds", type=float, default=60)
+    train.add_argument("--stage1-seconds", type=float, default=180)
+    train.add_argument("--stage2-seconds", type=float, default=90)
+    train.add_argument("--max-steps", type=int, default=1_000_000, help="per stage (the time budgets end them first)")
+    train.add_argument("--val-every", type=int, default=250, help="steps between validations (the curves)")
+    train.add_argument("--vae-batch", type=int, default=16)
+    train.add_argument("--stage1-batch", type=int, default=32)
+    train.add_argument("--stage2-batch", type=int, default=4)
+    train.add_argument("--lr", type=float, default=2e-4, help="stage 1 and 2 (the VAE: model/vae.yaml's 4e-4)")
+    train.add_argument("--steps", type=int, default=25, help="DDIM steps of the generated test clips")
+    train.add_argument("--workers", type=int, default=6, help="loader processes per stage")
+    train.add_argument("--timeout", type=float, default=None, help="seconds train.py may run before it is stopped")
+    train.add_argument("--eval-timeout", type=float, default=None, help="seconds per evaluate.py")
+    scoring = commands.add_parser("score", help="landmarks, targets, JSON, plots (CPU, MediaPipe)")
+    scoring.add_argument("--pack", action="append", required=True, help="synthetic=PATH or real=PATH")
+    scoring.add_argument("--results", type=Path, default=RESULTS / "stage_b_learning.json")
+    args = parser.parse_args()
+    if args.command == "prepare-real":
+        prepare_real(args.out, args.size)
+    elif args.command == "train":
+        if args.dataset == "real" and not args.data:
+            parser.error("--dataset real needs --data (python benchmarks/stage_b_learning.py prepare-real)")
+        train_and_generate(args)
+    else:
+        score(args)
+
+
+if __name__ == "__main__":
+    main()
