@@ -27,24 +27,27 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aniportrait.audio.io import SAMPLE_RATE, frame_count, load_audio
+from aniportrait.audio.io import load_audio
 from aniportrait.bundle import BUNDLE_FILE, OFFICIAL_FILES, OFFICIAL_HUB_REPO, Bundle, import_official
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait
 from aniportrait.inference import (
     AnimationOptions,
     AnimationResult,
+    AudioProcessor,
     BatchJobResult,
+    BundleMotionModel,
     MeshPoseFrames,
+    MotionModel,
+    ProcessedAudio,
+    WaveformAudioProcessor,
     batch_summary,
     check_output_path,
     generate_video,
@@ -58,7 +61,7 @@ from aniportrait.inference import (
     video_size,
     write_landmark_outputs,
 )
-from aniportrait.pipelines.landmarks import AudioToLandmarks, LandmarkPrediction
+from aniportrait.pipelines.landmarks import LandmarkPrediction
 
 if TYPE_CHECKING:
     from aniportrait.pipelines.pose2video import Pose2VideoPipeline
@@ -69,105 +72,6 @@ __all__ = ["AniPortrait", "AudioProcessor", "MotionModel", "ProcessedAudio", "Wa
 log = logging.getLogger(__name__)
 
 _VIDEO_COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
-
-
-# -- swap point 1: audio processing --------------------------------------------------------------------------------
-
-
-@dataclass
-class ProcessedAudio:
-    """What an audio processor hands the motion model."""
-
-    samples: np.ndarray  # (S,) float32 mono at 16 kHz: the frame count's clock and the audio muxed into the output
-    features: dict[str, Any] = field(default_factory=dict)  # anything else a custom motion model consumes
-
-
-@runtime_checkable
-class AudioProcessor(Protocol):
-    """Raw speech -> :class:`ProcessedAudio`. Swap it to clean, trim or re-level speech, or to compute features
-    for a custom motion model; the default motion model encodes ``samples`` with its own wav2vec2."""
-
-    def process(self, source: str | os.PathLike | np.ndarray, sample_rate: int = SAMPLE_RATE) -> ProcessedAudio:
-        """source: an audio (or video) file, or samples (S,) / (S, channels) at ``sample_rate``."""
-        ...
-
-
-class WaveformAudioProcessor:
-    """The default: any file FFmpeg reads, or an array, as 16 kHz mono float32 (no features)."""
-
-    def process(self, source: str | os.PathLike | np.ndarray, sample_rate: int = SAMPLE_RATE) -> ProcessedAudio:
-        if not isinstance(source, np.ndarray):
-            return ProcessedAudio(load_audio(source))
-        from scipy.signal import resample_poly
-
-        samples = np.asarray(source, dtype=np.float64)
-        if samples.ndim == 2:
-            samples = samples.mean(axis=1)
-        if samples.ndim != 1 or not len(samples):
-            raise AniPortraitError(f"audio array has shape {source.shape}; give samples (S,) or (S, channels), S > 0")
-        if sample_rate != SAMPLE_RATE:
-            ratio = Fraction(SAMPLE_RATE, int(sample_rate))
-            samples = resample_poly(samples, ratio.numerator, ratio.denominator)
-        return ProcessedAudio(np.clip(samples, -1.0, 1.0).astype(np.float32))
-
-
-# -- swap point 2: the motion model --------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class MotionModel(Protocol):
-    """Speech + portrait -> per-frame canonical face meshes and head poses (stage A).
-
-    ``predict`` returns a :class:`~aniportrait.pipelines.landmarks.LandmarkPrediction`: ``meshes`` (T, 468, 3) in
-    the canonical metric space of ``portrait.mesh3d`` (the portrait's mesh plus the expression), ``poses`` (T, 6)
-    Euler xyz degrees + translation relative to ``portrait.trans_mat`` (zeros: the portrait's own pose), and the
-    ``fps`` of those frames (T should be ceil(duration x fps)). The pose images are these meshes projected with
-    the portrait's camera.
-    """
-
-    fps: float  # frames per second of its output when predict gets no fps
-
-    def predict(self, audio: ProcessedAudio, portrait: Portrait, *, fps: float | None = None,
-                identity: int | str | None = None, pose_overrides: Mapping[str, Any] | None = None) -> LandmarkPrediction:
-        """pose_overrides: ``rotation_scale`` / ``smooth_window`` asked for by the caller (a model may ignore them)."""
-        ...
-
-
-class BundleMotionModel:
-    """The default: the bundle's Audio2Mesh (+ Audio2Pose), chunked for audio of any length."""
-
-    def __init__(self, landmarks: AudioToLandmarks):
-        self.landmarks = landmarks
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, device: str | torch.device = "cpu") -> BundleMotionModel:
-        return cls(AudioToLandmarks.from_bundle(bundle, device))
-
-    @property
-    def fps(self) -> float:
-        return self.landmarks.fps
-
-    def predict(self, audio: ProcessedAudio, portrait: Portrait, *, fps: float | None = None,
-                identity: int | str | None = None, pose_overrides: Mapping[str, Any] | None = None) -> LandmarkPrediction:
-        trained_fps = self.landmarks.fps
-        self.landmarks.fps = float(fps or trained_fps)  # AudioToLandmarks reads its fps for the frame clock
-        try:
-            frames = frame_count(len(audio.samples), self.landmarks.fps)
-            # speech shorter than wav2vec2's receptive field (25 ms) cannot be encoded: pad it with silence
-            samples = np.pad(audio.samples, (0, max(0, self._receptive_field() - len(audio.samples))))
-            prediction = self.landmarks.predict(samples, portrait.mesh3d, identity=identity,
-                                                pose_overrides=dict(pose_overrides or {}))
-        finally:
-            self.landmarks.fps = trained_fps
-        return LandmarkPrediction(prediction.meshes[:frames], prediction.poses[:frames], prediction.fps)
-
-    def _receptive_field(self) -> int:
-        """Samples one output of the wav2vec2 convolution stack sees."""
-        config = self.landmarks.audio2mesh.audio_encoder.config
-        size, step = 1, 1
-        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-            size, step = size + (kernel - 1) * step, step * stride
-        return size
 
 
 # -- default weights -----------------------------------------------------------------------------------------------

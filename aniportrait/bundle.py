@@ -25,7 +25,6 @@ weights are inside the audio checkpoints). A component entry may also point at a
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import importlib
 import json
@@ -45,6 +44,7 @@ from safetensors.torch import save_file
 
 from aniportrait.errors import AniPortraitError
 from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpoint
+from aniportrait.models.schedulers import INFERENCE_V2_SCHEDULER
 from aniportrait.models.wav2vec2 import BASE_960H_CONFIG, upgrade_weight_norm_keys
 from aniportrait.utils.atomic import atomic_dir
 
@@ -274,8 +274,6 @@ OFFICIAL_SD15_UNET_CONFIG: dict[str, Any] = {
 
 def official_settings(stage_a: bool, stage_b: bool) -> dict[str, Any]:
     """What the official scripts do at inference, as bundle settings."""
-    from aniportrait.pipelines.pose2video import INFERENCE_V2_SCHEDULER  # pipelines build on this module
-
     settings: dict[str, Any] = {}
     if stage_a:
         settings["audio"] = {
@@ -432,56 +430,7 @@ def import_official(
     return OfficialImport(out_dir, found, missing)
 
 
-def _export_from_checkpoint(checkpoint_path: Path, out_dir: Path) -> Path:
-    from aniportrait.training.export import export_from_lightning_checkpoint
+if __name__ == "__main__":  # the command line lives with the other entry points, above every library module
+    from aniportrait.cli import bundle as bundle_command
 
-    return export_from_lightning_checkpoint(checkpoint_path, out_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aniportrait.bundle", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="Lightning checkpoint -> bundle")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("out", type=Path)
-    official = commands.add_parser("import-official", help="official release files (.pt/.pth) -> bundle")
-    official.add_argument("source", type=Path, help="folder with any of " + ", ".join(OFFICIAL_FILES.values()))
-    official.add_argument("out", type=Path)
-    official.add_argument("--base-model", help=f"SD-1.5: a local folder or hub id (default {OFFICIAL_BASE_MODELS['base_model']})")
-    official.add_argument("--vae", help=f"the VAE: a local folder or hub id (default {OFFICIAL_BASE_MODELS['vae']})")
-    official.add_argument("--image-encoder", help="the CLIP image encoder, at its root or in image_encoder/ (default "
-                                                  f"{OFFICIAL_BASE_MODELS['image_encoder']})")
-    official.add_argument("--architecture-from", type=Path, default=None,
-                          help="a bundle whose component classes and configs to use instead of the official ones")
-    official.add_argument("--link", action="store_true",
-                          help="refer to the release files in place instead of copying them into the bundle")
-    info = commands.add_parser("info", help="print what a bundle holds")
-    info.add_argument("bundle", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            path = _export_from_checkpoint(args.checkpoint, args.out)
-            print(f"bundle: {path}")
-        elif args.command == "import-official":
-            given = {"base_model": args.base_model, "vae": args.vae, "image_encoder": args.image_encoder}
-            base_models = {**OFFICIAL_BASE_MODELS, **{k: v for k, v in given.items() if v}} if any(given.values()) else None
-            result = import_official(args.source, args.out, base_models=base_models,
-                                     architecture=args.architecture_from, link=args.link)
-            print("found: " + ", ".join(f"{OFFICIAL_FILES[name]} -> {name}" for name in result.found))
-            if result.missing:
-                print("not found (the bundle lacks them): " + ", ".join(OFFICIAL_FILES[name] for name in result.missing))
-            print(f"bundle: {result.path}")
-        elif args.command == "info":
-            bundle = Bundle.open(args.bundle)
-            print(yaml.safe_dump({k: v for k, v in bundle.document.items() if k != "components"}, sort_keys=False))
-            for name, entry in bundle.components.items():
-                print(f"{name}: {entry['class']} ({entry.get('num_tensors', '?')} tensors)")
-    except AniPortraitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bundle_command())

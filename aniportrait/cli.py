@@ -1,20 +1,26 @@
-"""Entry points shared by ``train.py``/``evaluate.py``/``infer.py`` and the ``aniportrait-*`` console scripts.
+"""Entry points: ``train.py``/``evaluate.py``/``infer.py``, the ``aniportrait-*`` console scripts and
+``python -m aniportrait.bundle``; the top of the import order (nothing of ours imports this module).
 
-Each takes Hydra ``key=value`` overrides. Bad input ends with one ``error: ...`` line on stderr and exit
-status 2; an unknown config key is reported the same way before anything runs.
+The Hydra ones take ``key=value`` overrides. Bad input ends with one ``error: ...`` line on stderr and exit
+status 2; an unknown config key is reported the same way before anything runs. ``infer.py mode=...`` builds an
+:class:`~aniportrait.api.AniPortrait` and calls the method of its mode (:data:`INFER_MODES`).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from aniportrait.errors import AniPortraitError
 
-__all__ = ["train", "evaluate", "infer", "config_dir"]
+__all__ = ["train", "evaluate", "infer", "bundle", "config_dir", "INFER_MODES", "infer_task", "options_from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +124,6 @@ def _evaluate_task(cfg):
     return evaluate_run(cfg)
 
 
-def _infer_task(cfg):
-    from aniportrait.inference import infer as infer_run
-
-    return infer_run(cfg)
-
-
 def train(argv: list[str] | None = None):
     return run_hydra("train", _train_task, argv)
 
@@ -133,4 +133,150 @@ def evaluate(argv: list[str] | None = None):
 
 
 def infer(argv: list[str] | None = None):
-    return run_hydra("infer", _infer_task, argv)
+    return run_hydra("infer", infer_task, argv)
+
+
+# -- infer.py: its modes ------------------------------------------------------------------------------------
+
+
+def options_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """infer.py keys -> AnimationOptions fields (``pose.*`` and ``stream.*`` flattened)."""
+    pose = cfg.get("pose") or {}
+    stream = cfg.get("stream") or {}
+    interpolator = cfg.get("interpolator")
+    return {
+        "width": cfg.get("width"), "height": cfg.get("height"), "fps": cfg.get("fps"), "length": cfg.get("length"),
+        "steps": cfg.get("steps"), "guidance": cfg.get("guidance"), "seed": int(cfg.get("seed", 42)),
+        "context_frames": cfg.get("context_frames"), "context_overlap": cfg.get("context_overlap"),
+        "scheduler": OmegaConf.to_container(cfg.scheduler) if isinstance(cfg.get("scheduler"), DictConfig)
+        else cfg.get("scheduler"),
+        "keyframe_interval": int(cfg.get("keyframe_interval") or 1),
+        "interpolator": OmegaConf.to_container(interpolator) if isinstance(interpolator, DictConfig) else interpolator,
+        "chunk_frames": int(stream.get("chunk_frames", 120)), "chunk_overlap": int(stream.get("chunk_overlap", 8)),
+        "pose_source": pose.get("source", "auto"), "pose_template": pose.get("template"),
+        "rotation_scale": pose.get("rotation_scale"), "smooth_window": pose.get("smooth_window"),
+        "identity": cfg.get("identity"), "reference_frame": int(cfg.get("reference_frame", 0)),
+        "size": int(cfg.get("size", 512)), "progress": bool(cfg.get("progress", True)),
+    }
+
+
+def _need(cfg: DictConfig, key: str, message: str) -> Any:
+    if not cfg.get(key):
+        raise AniPortraitError(message)
+    return cfg[key]
+
+
+def _portrait(cfg: DictConfig) -> Any:
+    return _need(cfg, "reference", f"mode={cfg.mode} needs a portrait: add reference=PATH (an image or a clip's "
+                                   "landmarks.npz)")
+
+
+def _infer_audio(ap, cfg: DictConfig, options: dict[str, Any]):
+    audio = _need(cfg, "audio", "mode=audio needs speech: add audio=PATH (wav, flac, mp3, m4a)")
+    return ap.animate(image_path=_portrait(cfg), audio_path=audio, output_path=cfg.output, **options)
+
+
+def _infer_video(ap, cfg: DictConfig, options: dict[str, Any]):
+    video = _need(cfg, "video", "mode=video needs a driving video: add video=PATH.mp4")
+    return ap.animate_from_video(image_path=_portrait(cfg), video_path=video, output_path=cfg.output, **options)
+
+
+def _infer_pose(ap, cfg: DictConfig, options: dict[str, Any]):
+    if bool(cfg.get("video")) == bool(cfg.get("landmarks")):
+        raise AniPortraitError("mode=pose needs exactly one pose input: video=POSE_IMAGES.mp4 or landmarks=POSES.npz")
+    return ap.animate_from_landmarks(image_path=_portrait(cfg), landmarks_path=cfg.get("video") or cfg.landmarks,
+                                     output_path=cfg.output, audio_path=cfg.get("audio"), **options)
+
+
+def _infer_landmarks(ap, cfg: DictConfig, options: dict[str, Any]):
+    if bool(cfg.get("audio")) == bool(cfg.get("video")):
+        raise AniPortraitError("mode=landmarks needs exactly one driver: audio=SPEECH (wav, flac, mp3, m4a) or "
+                               "video=DRIVING.mp4")
+    return ap.landmarks(image_path=_portrait(cfg), output_path=cfg.output, audio_path=cfg.get("audio"),
+                        video_path=cfg.get("video"), **options)
+
+
+def _infer_batch(ap, cfg: DictConfig, options: dict[str, Any]):
+    from aniportrait.inference import read_manifest
+
+    jobs = read_manifest(_need(cfg, "manifest", "mode=batch needs a job list: add manifest=JOBS.csv or JOBS.jsonl"))
+    results = ap.animate_batch(jobs, skip_existing=bool(cfg.get("skip_existing", True)), **options)
+    failed = [result for result in results if result.status == "failed"]
+    if failed:
+        raise AniPortraitError(f"{len(failed)} of {len(results)} batch jobs failed (listed above); fix them and rerun: "
+                               "finished outputs are skipped")
+    return results
+
+
+INFER_MODES: dict[str, Callable[..., Any]] = {"audio": _infer_audio, "video": _infer_video, "pose": _infer_pose,
+                                              "landmarks": _infer_landmarks, "batch": _infer_batch}
+
+
+def infer_task(cfg: DictConfig):
+    """``python infer.py mode=...``: the AniPortrait method of the mode, with the config's options."""
+    from aniportrait.api import AniPortrait
+    from aniportrait.inference import check_output_path
+
+    mode = cfg.get("mode")
+    if mode not in INFER_MODES:
+        raise AniPortraitError(f"unknown mode={mode!r}; choose one of {', '.join(INFER_MODES)}")
+    if mode != "batch":
+        check_output_path(cfg.get("output"))  # before any model loads
+    ap = AniPortrait(bundle=cfg.get("bundle"), device=cfg.get("device"), dtype=cfg.get("dtype"),
+                     landmarker_model=(cfg.get("face") or {}).get("landmarker_model"), compile=bool(cfg.get("compile")))
+    return INFER_MODES[mode](ap, cfg, options_from_config(cfg))
+
+
+# -- python -m aniportrait.bundle ----------------------------------------------------------------------------
+
+
+def bundle(argv: list[str] | None = None) -> int:
+    """``python -m aniportrait.bundle export | import-official | info``: see :mod:`aniportrait.bundle`."""
+    import yaml
+
+    import aniportrait.bundle as bundles
+    from aniportrait.bundle import OFFICIAL_BASE_MODELS, OFFICIAL_FILES, Bundle, import_official
+    from aniportrait.training.export import export_from_lightning_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m aniportrait.bundle", description=bundles.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="Lightning checkpoint -> bundle")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out", type=Path)
+    official = commands.add_parser("import-official", help="official release files (.pt/.pth) -> bundle")
+    official.add_argument("source", type=Path, help="folder with any of " + ", ".join(OFFICIAL_FILES.values()))
+    official.add_argument("out", type=Path)
+    official.add_argument("--base-model", help=f"SD-1.5: a local folder or hub id (default {OFFICIAL_BASE_MODELS['base_model']})")
+    official.add_argument("--vae", help=f"the VAE: a local folder or hub id (default {OFFICIAL_BASE_MODELS['vae']})")
+    official.add_argument("--image-encoder", help="the CLIP image encoder, at its root or in image_encoder/ (default "
+                                                  f"{OFFICIAL_BASE_MODELS['image_encoder']})")
+    official.add_argument("--architecture-from", type=Path, default=None,
+                          help="a bundle whose component classes and configs to use instead of the official ones")
+    official.add_argument("--link", action="store_true",
+                          help="refer to the release files in place instead of copying them into the bundle")
+    info = commands.add_parser("info", help="print what a bundle holds")
+    info.add_argument("bundle", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            path = export_from_lightning_checkpoint(args.checkpoint, args.out)
+            print(f"bundle: {path}")
+        elif args.command == "import-official":
+            given = {"base_model": args.base_model, "vae": args.vae, "image_encoder": args.image_encoder}
+            base_models = {**OFFICIAL_BASE_MODELS, **{k: v for k, v in given.items() if v}} if any(given.values()) else None
+            result = import_official(args.source, args.out, base_models=base_models,
+                                     architecture=args.architecture_from, link=args.link)
+            print("found: " + ", ".join(f"{OFFICIAL_FILES[name]} -> {name}" for name in result.found))
+            if result.missing:
+                print("not found (the bundle lacks them): " + ", ".join(OFFICIAL_FILES[name] for name in result.missing))
+            print(f"bundle: {result.path}")
+        elif args.command == "info":
+            opened = Bundle.open(args.bundle)
+            print(yaml.safe_dump({k: v for k, v in opened.document.items() if k != "components"}, sort_keys=False))
+            for name, entry in opened.components.items():
+                print(f"{name}: {entry['class']} ({entry.get('num_tensors', '?')} tensors)")
+    except AniPortraitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import hydra
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
@@ -46,6 +45,7 @@ from aniportrait.models.pose_guider import PoseGuider
 from aniportrait.models.pose_image_scaling import POSE_IMAGE_SCALINGS, scale_pose_images
 from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.reference_unet import ReferenceNet
+from aniportrait.models.schedulers import INFERENCE_V2_SCHEDULER, build_scheduler
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS, UNet3DConditionModel
 from aniportrait.models.video_backbone import build_video_models
 
@@ -59,34 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# configs/inference/inference_v2.yaml noise_scheduler_kwargs, sampler DDIM
-INFERENCE_V2_SCHEDULER: dict[str, Any] = {
-    "_target_": "diffusers.DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "linear",
-    "clip_sample": False,
-    "steps_offset": 1,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "timestep_spacing": "trailing",
-}
-
-
-def build_scheduler(config: Mapping[str, Any] | None = None) -> SchedulerMixin:
-    """A diffusers scheduler from ``{_target_: diffusers.<Scheduler>, **kwargs}`` (None: :data:`INFERENCE_V2_SCHEDULER`)."""
-    config = dict(INFERENCE_V2_SCHEDULER if config is None else config)
-    if "_target_" not in config:
-        raise AniPortraitError(f"scheduler config {config} has no _target_: name a diffusers scheduler, "
-                               "e.g. _target_: diffusers.DDIMScheduler")
-    scheduler = hydra.utils.instantiate(config)
-    if not isinstance(scheduler, SchedulerMixin):
-        raise AniPortraitError(f"scheduler _target_ {config['_target_']!r} built a {type(scheduler).__name__}, "
-                               "not a diffusers scheduler")
-    return scheduler
-
 
 def context_windows(num_frames: int, context_frames: int | str = 16, context_overlap: int = 4,
                     max_frames: int = 32) -> list[slice]:
