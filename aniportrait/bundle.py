@@ -295,6 +295,7 @@ def official_settings(stage_a: bool, stage_b: bool) -> dict[str, Any]:
             "height": 512,
             "fps": 30.0,
             "pose_scaling": "official_inference",  # see aniportrait.models.pose_image_scaling
+            "sampling": "official",  # the official pipeline's frames (aniportrait.pipelines.presets)
             "scheduler": dict(INFERENCE_V2_SCHEDULER),
             "num_inference_steps": 25,
             "guidance_scale": 3.5,

@@ -149,10 +149,11 @@ def options_from_config(cfg: DictConfig) -> dict[str, Any]:
         "steps": cfg.get("steps"), "guidance": cfg.get("guidance"), "seed": int(cfg.get("seed", 42)),
         "context_frames": cfg.get("context_frames"), "context_overlap": cfg.get("context_overlap"),
         "scheduler": OmegaConf.to_container(cfg.scheduler) if isinstance(cfg.get("scheduler"), DictConfig)
-        else cfg.get("scheduler"),
+        else cfg.get("scheduler"), "sampling": cfg.get("sampling"),
         "keyframe_interval": int(cfg.get("keyframe_interval") or 1),
         "interpolator": OmegaConf.to_container(interpolator) if isinstance(interpolator, DictConfig) else interpolator,
-        "chunk_frames": int(stream.get("chunk_frames", 120)), "chunk_overlap": int(stream.get("chunk_overlap", 8)),
+        "chunk_frames": None if stream.get("chunk_frames") is None else int(stream.chunk_frames),
+        "chunk_overlap": int(stream.get("chunk_overlap", 8)),
         "pose_source": pose.get("source", "auto"), "pose_template": pose.get("template"),
         "rotation_scale": pose.get("rotation_scale"), "smooth_window": pose.get("smooth_window"),
         "identity": cfg.get("identity"), "reference_frame": int(cfg.get("reference_frame", 0)),

@@ -87,6 +87,7 @@ def test_every_release_file_loads_bit_exactly_with_the_official_settings(importe
     assert audio["fps"] == 30 and audio["pose"]["rotation_scale"] == 0.5 and audio["pose"]["smooth_window"] == 7
     assert audio["pose"]["chunk_frames"] == 150 and audio["pose"]["context_frames"] > 0
     assert video["pose_scaling"] == "official_inference" and video["scheduler"] == INFERENCE_V2_SCHEDULER
+    assert video["sampling"] == "official" and pipeline.preset.name == "official"  # infer.py needs no flag for it
     assert (video["num_inference_steps"], video["guidance_scale"], video["fps"]) == (25, 3.5, 30)
     assert (video["width"], video["height"], video["context_frames"], video["context_overlap"]) == (512, 512, 16, 4)
     assert imported.base_models["video"] == TINY_BASE_MODELS and "wav2vec2-base-960h" in imported.base_models["wav2vec2"]

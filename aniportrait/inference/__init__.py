@@ -65,6 +65,7 @@ from aniportrait.inference.options import (
     video_size,
 )
 from aniportrait.inference.pose_sources import (
+    KeyframePoseImages,
     LandmarkPoseFrames,
     MeshPoseFrames,
     PoseFrames,
@@ -101,6 +102,7 @@ __all__ = [
     "MeshPoseFrames",
     "LandmarkPoseFrames",
     "VideoPoseFrames",
+    "KeyframePoseImages",
     "draw_pose_images",
     "pose_frames_from_file",
     "video_size",

@@ -1,10 +1,12 @@
 """Stage B, streamed: pose images -> an H.264 mp4 with the driver's audio, chunk by chunk, at bounded memory.
 
-Stage B samples ``chunk_frames`` frames per pipeline call and writes them with the incremental
-:class:`~aniportrait.data.video.VideoWriter`. Neighbouring chunks share ``chunk_overlap`` frames that both generate
-from the same pose images; those frames are cross-faded with weights ramping linearly from the earlier chunk to the
-later one, so a chunk boundary is a short dissolve between two renderings of the same poses, never a cut. (Within
-a chunk the pipeline's context windows blend in latent space at every step.) mode=landmarks writes the pose images
+Frames are written with the incremental :class:`~aniportrait.data.video.VideoWriter` as they are decoded. With the
+official sampling preset the whole video is one sequence of context windows, as in the official pipeline
+(``chunk_frames`` None). Otherwise stage B samples ``chunk_frames`` frames per pipeline call: neighbouring chunks
+share ``chunk_overlap`` frames that both generate from the same pose images; those frames are cross-faded with
+weights ramping linearly from the earlier chunk to the later one, so a chunk boundary is a short dissolve between
+two renderings of the same poses, never a cut (and the frames there differ from one unchunked sequence). Within a
+chunk the pipeline's context windows combine in latent space at every step. mode=landmarks writes the pose images
 themselves and the arrays behind them.
 
 Every output is written under a temporary name and renamed when complete, so a failure leaves no partial file.
@@ -28,13 +30,23 @@ from aniportrait.face.portrait import Portrait
 from aniportrait.inference.interpolation import build_interpolator, fill_between_keyframes, keyframe_indices
 from aniportrait.inference.motion import Motion
 from aniportrait.inference.options import AnimationOptions, Sampling
-from aniportrait.inference.pose_sources import MeshPoseFrames, PoseFrames, draw_pose_images
+from aniportrait.inference.pose_sources import (
+    KeyframePoseImages,
+    MeshPoseFrames,
+    PoseFrames,
+    draw_pose_images,
+)
+from aniportrait.pipelines.presets import sampling_preset
 from aniportrait.utils.atomic import atomic_path
 
 if TYPE_CHECKING:
     from aniportrait.pipelines.pose2video import Pose2VideoPipeline
 
 __all__ = ["chunk_spans", "stitch_chunks", "build_sampling_scheduler", "generate_video", "write_landmark_outputs"]
+
+# A video of at most this many (key)frames keeps its PoseGuider features for all steps (about 4 MB a frame at
+# 512 x 512 in bf16); longer ones recompute them every step instead of holding them all.
+POSE_FEATURE_CACHE_FRAMES = 256
 
 
 def chunk_spans(num_frames: int, chunk_frames: int, overlap: int) -> list[slice]:
@@ -92,32 +104,43 @@ def build_sampling_scheduler(choice: Any, base: Any) -> Any:
 
 def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames: PoseFrames, output: Path, fps: float,
                    audio: np.ndarray | None, options: AnimationOptions) -> int:
-    """Sample the video chunk by chunk (keyframes only in accelerated mode) and write every frame to ``output`` with
-    ``audio`` muxed (atomically); returns the frame count."""
+    """Sample the video (keyframes only in accelerated mode) and write every frame to ``output`` with ``audio``
+    muxed (atomically); returns the frame count.
+
+    The whole video is one sequence of context windows when ``chunk_frames`` resolves to None (the official preset's
+    default): pose images are drawn window by window and frames written as the VAE decodes them, so memory grows
+    only with the latents (64 KB a frame at 512 x 512). Otherwise it is sampled in chunks that cross-fade."""
     sampling = Sampling.resolve(options, pipeline.video_settings)
+    if options.scheduler is not None or sampling.preset != pipeline.preset.name:
+        scheduler = build_sampling_scheduler(options.scheduler, pipeline.scheduler) if options.scheduler is not None \
+            else pipeline.scheduler
+        swapped = pipeline.scheduler, pipeline.preset
+        pipeline.scheduler, pipeline.preset = scheduler, sampling_preset(sampling.preset)
+        try:
+            return generate_video(pipeline, portrait, pose_frames, output, fps, audio,
+                                  dataclasses.replace(options, scheduler=None, sampling=sampling.preset))
+        finally:
+            pipeline.scheduler, pipeline.preset = swapped
     total = len(pose_frames)
     keys = keyframe_indices(total, int(options.keyframe_interval))
-    spans = chunk_spans(len(keys), int(options.chunk_frames), int(options.chunk_overlap))
     interpolator = build_interpolator(options.interpolator) if options.keyframe_interval > 1 else None
     reference_pose = draw_pose_images(portrait.lmks[None, :468, :2], pose_frames.size)[0]  # the portrait's own landmarks
     generator = torch.Generator("cpu").manual_seed(sampling.seed)  # the same noise on CPU and GPU
-    if options.scheduler is not None:
-        scheduler = build_sampling_scheduler(options.scheduler, pipeline.scheduler)
-        default_scheduler, pipeline.scheduler = pipeline.scheduler, scheduler
-        try:
-            return generate_video(pipeline, portrait, pose_frames, output, fps, audio,
-                                  dataclasses.replace(options, scheduler=None))
-        finally:
-            pipeline.scheduler = default_scheduler
+    arguments = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance,
+                 "context_frames": sampling.context_frames, "context_overlap": sampling.context_overlap,
+                 "generator": generator, "progress": options.progress, "width": sampling.width,
+                 "height": sampling.height}
+
+    def whole_video() -> Iterator[np.ndarray]:
+        for batch in pipeline.frames(portrait.image, KeyframePoseImages(pose_frames, keys), reference_pose,
+                                     cache_pose_features=len(keys) <= POSE_FEATURE_CACHE_FRAMES, **arguments):
+            yield from batch
 
     def chunks() -> Iterator[np.ndarray]:
-        for span in spans:
-            yield pipeline(portrait.image, pose_frames.render(keys[span]), reference_pose,
-                           num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
-                           context_frames=sampling.context_frames, context_overlap=sampling.context_overlap,
-                           generator=generator, progress=options.progress, width=sampling.width, height=sampling.height)
+        for span in chunk_spans(len(keys), sampling.chunk_frames, int(options.chunk_overlap)):
+            yield pipeline(portrait.image, pose_frames.render(keys[span]), reference_pose, **arguments)
 
-    keyframes = stitch_chunks(chunks(), int(options.chunk_overlap))
+    keyframes = whole_video() if sampling.chunk_frames is None else stitch_chunks(chunks(), int(options.chunk_overlap))
     frames = fill_between_keyframes(keys, keyframes, interpolator) if interpolator else keyframes
     with VideoWriter(output, fps) as writer, tqdm(total=total, desc="frames", unit="frame",
                                                   disable=not options.progress) as bar:

@@ -16,6 +16,7 @@ import torch
 
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait, load_portrait, portrait_from_landmarks_npz
+from aniportrait.pipelines.presets import SAMPLING_PRESETS
 
 __all__ = ["AnimationOptions", "AnimationResult", "Sampling", "resolve_device", "resolve_dtype", "check_output_path",
            "load_reference", "video_size", "resampled_indices"]
@@ -28,6 +29,8 @@ def resolve_device(name: str | None) -> torch.device:
         raise AniPortraitError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
     return torch.device(name)
 
+
+PROJECT_CHUNK_FRAMES = 120  # the project preset's frames per pipeline call (stream.chunk_frames)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -95,9 +98,11 @@ class AnimationOptions:
     context_frames: int | str | None = None  # frames the motion modules see at once ("auto": fewest windows) ...
     context_overlap: int | None = None  # ... and how many neighbouring windows share
     scheduler: Any = None  # None: the bundle's; a diffusers scheduler class name or {_target_: ..., **overrides}
+    sampling: str | None = None  # sampling preset: official | project; None: the bundle's (official when imported)
     keyframe_interval: int = 1  # accelerated mode: generate every k-th frame, interpolate the rest
     interpolator: Any = None  # a FrameInterpolator or a {_target_: ...} config; None: FlowInterpolator
-    chunk_frames: int = 120  # stage-B frames per pipeline call (keyframes in accelerated mode): bounds memory
+    chunk_frames: int | None = None  # stage-B frames per pipeline call (keyframes in accelerated mode), bounding
+    # memory; None: the preset's: the whole video in one sequence of context windows (official), 120 (project)
     chunk_overlap: int = 8  # frames two neighbouring chunks share and cross-fade
     pose_source: str = "auto"  # audio: auto | predicted | still | template; video: auto | driver | still | template
     pose_template: str | None = None  # an official pose_temp.npy (N, 6)
@@ -148,16 +153,25 @@ class Sampling:
     context_frames: int | str
     context_overlap: int
     seed: int
+    preset: str  # official | project (aniportrait.pipelines.presets)
+    chunk_frames: int | None  # frames per pipeline call; None: the whole video in one
 
     @classmethod
     def resolve(cls, options: AnimationOptions, settings: Mapping[str, Any]) -> Sampling:
         def pick(value: Any, key: str, default: Any) -> Any:
             return value if value is not None else settings.get(key) or default
 
+        preset = str(pick(options.sampling, "sampling", "project"))
+        if preset not in SAMPLING_PRESETS:
+            raise AniPortraitError(f"sampling={preset!r}: choose one of {', '.join(SAMPLING_PRESETS)} (official: the "
+                                   "official pipeline's frames; project: windows blended with ramps)")
+        chunk_frames = options.chunk_frames if options.chunk_frames is not None else (
+            None if preset == "official" else PROJECT_CHUNK_FRAMES)
         return cls(int(pick(options.width, "width", 512)), int(pick(options.height, "height", 512)),
                    int(pick(options.steps, "num_inference_steps", 25)), float(pick(options.guidance, "guidance_scale", 3.5)),
                    _context_frames(pick(options.context_frames, "context_frames", 16)),
-                   int(pick(options.context_overlap, "context_overlap", 4)), int(options.seed))
+                   int(pick(options.context_overlap, "context_overlap", 4)), int(options.seed), preset,
+                   None if chunk_frames is None else int(chunk_frames))
 
 
 def _context_frames(value: Any) -> int | str:

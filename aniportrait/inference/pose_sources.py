@@ -18,8 +18,8 @@ from aniportrait.face.portrait import Portrait
 from aniportrait.inference.motion import Motion
 from aniportrait.inference.options import AnimationOptions, resampled_indices
 
-__all__ = ["PoseFrames", "MeshPoseFrames", "LandmarkPoseFrames", "VideoPoseFrames", "draw_pose_images",
-           "pose_frames_from_file"]
+__all__ = ["PoseFrames", "MeshPoseFrames", "LandmarkPoseFrames", "VideoPoseFrames", "KeyframePoseImages",
+           "draw_pose_images", "pose_frames_from_file"]
 
 class PoseFrames(Protocol):
     """A sequence of pose images rendered on demand (only a chunk at a time is ever in memory)."""
@@ -82,6 +82,20 @@ class VideoPoseFrames:
         from aniportrait.data.video import read_video
 
         return read_video(self.path, self.indices[indices], size=self.size)
+
+
+class KeyframePoseImages:
+    """The pose images of frames ``keys`` as the pipeline asks for them: ``[indices]`` (into ``keys``) draws just
+    those (the pipeline fetches one context window at a time)."""
+
+    def __init__(self, pose_frames: PoseFrames, keys: np.ndarray):
+        self.pose_frames, self.keys = pose_frames, np.asarray(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        return self.pose_frames.render(self.keys[np.asarray(indices)])
 
 
 def pose_frames_from_file(path: str | os.PathLike, size: tuple[int, int], options: AnimationOptions,
