@@ -113,10 +113,10 @@ class AniPortrait:
 
     bundle: a bundle folder or :class:`~aniportrait.bundle.Bundle`, opened at once; None: :func:`default_bundle`,
     resolved on first use (driving-video landmarks need no weights, so they never download any). device: "auto"
-    (CUDA if present), "cpu", "cuda:1", ... dtype: stage B's precision, "auto" (bf16 on GPU, fp32 on CPU), "fp32",
-    "bf16" or "fp16"; stage A runs in fp32 as official. backbone: replaces the bundle's ``base_models.video`` (the
-    VAE and image encoder, e.g. local copies). landmarker_model: MediaPipe's face_landmarker .task for image
-    portraits and driving videos.
+    (CUDA if present), "cpu", "cuda:1", ... dtype: stage B's precision, "auto" (GPU: fp16 with the bundle's official
+    preset, else bf16; fp32 on CPU), "fp32", "bf16" or "fp16"; stage A runs in fp32 as official. backbone: replaces
+    the bundle's ``base_models.video`` (the VAE and image encoder, e.g. local copies). landmarker_model: MediaPipe's
+    face_landmarker .task for image portraits and driving videos.
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle | None = None, device: str | torch.device | None = "auto",

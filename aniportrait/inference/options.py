@@ -37,7 +37,8 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """Stage B's dtype; None (``auto``) lets the pipeline choose: bfloat16 on CUDA, float32 on CPU."""
+    """Stage B's dtype; None (``auto``) lets the pipeline choose: on CUDA float16 for the official sampling preset
+    (as the official scripts) and bfloat16 otherwise, float32 on CPU."""
     if name in (None, "auto"):
         dtype = None
     elif isinstance(name, torch.dtype):

@@ -169,7 +169,8 @@ class Pose2VideoPipeline:
                     preset: str | SamplingPreset | None = None) -> Pose2VideoPipeline:
         """Build from a bundle with stage-B components plus the base models it names.
 
-        dtype: None = float32 on CPU, bfloat16 on CUDA. backbone: overrides ``base_models.video`` (e.g. SD-1.5
+        dtype: None = float32 on CPU; on CUDA float16 with the official preset (as the official scripts), else
+        bfloat16. backbone: overrides ``base_models.video`` (e.g. SD-1.5
         elsewhere on this machine). scheduler: overrides the bundle's sampling scheduler config. preset: overrides
         the bundle's ``settings.video.sampling`` (``official`` in bundles imported from the release, else
         ``project``). A bundle with its own ``vae`` component decodes with it; the image encoder always comes
@@ -193,7 +194,10 @@ class Pose2VideoPipeline:
                        preset=preset or settings.get("sampling", "project"))
         pipeline.video_settings = settings
         device = torch.device(device)
-        return pipeline.to(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        if dtype is None:  # the official scripts sample in fp16 (weight_dtype: fp16); bf16 is our default on GPUs
+            dtype = torch.float32 if device.type != "cuda" else (
+                torch.float16 if pipeline.preset.name == "official" else torch.bfloat16)
+        return pipeline.to(device, dtype)
 
     def optimize(self, channels_last: bool = False, compile: Mapping[str, Any] | bool | None = None) -> Pose2VideoPipeline:
         """Speed switches that keep the function (benchmarks/README.md): channels-last convolution weights
