@@ -6,12 +6,14 @@
 <bundle>/<component>.safetensors one file per component, in the OFFICIAL key layout
 ```
 A bundle may hold stage A only, stage B only, or both. Writes are atomic (a temporary folder renamed
-into place). Loading is strict: missing or unexpected keys are reported, never silently dropped.
+into place) and never replace what the user did not ask to replace: an existing bundle only with ``--force``
+(``overwrite=True``), a folder of other files never, a folder holding an input (``OUT == DIR``) never.
+Loading is strict: missing or unexpected keys are reported, never silently dropped.
 
 Command line::
 
-    python -m aniportrait.bundle export CKPT OUT            # any Lightning checkpoint of ours -> bundle
-    python -m aniportrait.bundle import-official DIR OUT    # the official release files -> bundle
+    python -m aniportrait.bundle export CKPT OUT [--force]            # a Lightning checkpoint of ours -> bundle
+    python -m aniportrait.bundle import-official DIR OUT [--force]   # the official release files -> bundle
     python -m aniportrait.bundle info BUNDLE                # what a bundle holds
 
 ``import-official`` reads whichever of the official ``audio2mesh.pt``, ``audio2pose.pt``, ``reference_unet.pth``,
@@ -47,6 +49,7 @@ from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpo
 from aniportrait.models.schedulers import INFERENCE_V2_SCHEDULER
 from aniportrait.models.wav2vec2 import BASE_960H_CONFIG, upgrade_weight_norm_keys
 from aniportrait.utils.atomic import atomic_dir
+from aniportrait.utils.outputs import Overwrite, check_output_dir
 
 __all__ = ["Bundle", "export_bundle", "import_official", "OfficialImport", "component_architecture",
            "official_settings", "load_component_weights", "BUNDLE_FILE", "FORMAT_VERSION", "OFFICIAL_FILES",
@@ -142,13 +145,15 @@ def export_bundle(
     base_models: dict | None = None,
     provenance: dict | None = None,
     state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a bundle. ``components`` maps a component name to a ConfigMixin model whose state dict is
     in the official layout; ``state_dicts`` may override what is saved for a component (e.g. only the
-    motion-module keys of a UNet3D for ``motion_module``)."""
-    out_dir = Path(out_dir)
+    motion-module keys of a UNet3D for ``motion_module``). An existing bundle at ``out_dir`` is replaced only
+    with ``overwrite=True``; a non-empty folder that is not a bundle never."""
+    out_dir = check_output_dir(out_dir, {}, Overwrite(overwrite, "overwrite=True"), "bundle", BUNDLE_FILE)
     state_dicts = state_dicts or {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=out_dir.exists()) as tmp:
         entries = {name: _write_component(tmp, name, module, state_dicts.get(name) or module.state_dict())
                    for name, module in components.items()}
         _write_manifest(tmp, entries, settings, base_models, provenance)
@@ -377,6 +382,7 @@ def import_official(
     base_models: Mapping[str, Any] | None = None,
     architecture: str | os.PathLike | Bundle | Mapping[str, torch.nn.Module] | None = None,
     link: bool = False,
+    overwrite: bool = False,
 ) -> OfficialImport:
     """Build a bundle from official release files in ``source_dir`` (any subset of :data:`OFFICIAL_FILES`).
 
@@ -389,6 +395,7 @@ def import_official(
     modules by component name, whose classes and configs to use instead of the official ones (fine-tuned variants,
     tiny test weights); components it does not name keep the official architecture. link: point the bundle at the
     release files in place instead of writing ``.safetensors`` copies (no second copy of ~10 GB; they must stay put).
+    overwrite: replace an existing bundle at ``out_dir`` (never a folder holding the release files or other files).
     """
     source_dir, out_dir = Path(source_dir).expanduser(), Path(out_dir).expanduser()
     if not source_dir.is_dir():
@@ -403,11 +410,15 @@ def import_official(
             found.keys() >= {"reference_unet", "denoising_unet", "pose_guider"}):
         log.warning("%s: stage B needs reference_unet.pth, denoising_unet.pth and pose_guider.pth together; "
                     "video generation will refuse this bundle", source_dir)
+    inputs = {"DIR": source_dir, **{f"DIR/{file.name}": file.resolve() for file in found.values()}}
+    if isinstance(architecture, (str, os.PathLike)):
+        inputs["--architecture-from"] = Path(architecture)
+    out_dir = check_output_dir(out_dir, inputs, Overwrite(overwrite, "--force"), "bundle", BUNDLE_FILE)
     if architecture is not None and not isinstance(architecture, (Bundle, Mapping)):
         architecture = Bundle.open(architecture)
     table = _architecture_table(architecture)
     entries = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=out_dir.exists()) as tmp:
         for name, file in found.items():
             state = upgrade_weight_norm_keys(read_checkpoint(file))
             module = component_architecture(name, table)

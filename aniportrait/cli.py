@@ -233,11 +233,9 @@ def infer_task(cfg: DictConfig):
 
 def bundle(argv: list[str] | None = None) -> int:
     """``python -m aniportrait.bundle export | import-official | info``: see :mod:`aniportrait.bundle`."""
-    import yaml
-
     import aniportrait.bundle as bundles
-    from aniportrait.bundle import OFFICIAL_BASE_MODELS, OFFICIAL_FILES, Bundle, import_official
-    from aniportrait.training.export import export_from_lightning_checkpoint
+    from aniportrait.bundle import OFFICIAL_BASE_MODELS, OFFICIAL_FILES
+    from aniportrait.utils import signals
 
     parser = argparse.ArgumentParser(prog="python -m aniportrait.bundle", description=bundles.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +243,7 @@ def bundle(argv: list[str] | None = None) -> int:
     export = commands.add_parser("export", help="Lightning checkpoint -> bundle")
     export.add_argument("checkpoint", type=Path)
     export.add_argument("out", type=Path)
+    export.add_argument("--force", action="store_true", help="replace an existing bundle at OUT")
     official = commands.add_parser("import-official", help="official release files (.pt/.pth) -> bundle")
     official.add_argument("source", type=Path, help="folder with any of " + ", ".join(OFFICIAL_FILES.values()))
     official.add_argument("out", type=Path)
@@ -256,28 +255,43 @@ def bundle(argv: list[str] | None = None) -> int:
                           help="a bundle whose component classes and configs to use instead of the official ones")
     official.add_argument("--link", action="store_true",
                           help="refer to the release files in place instead of copying them into the bundle")
+    official.add_argument("--force", action="store_true", help="replace an existing bundle at OUT")
     info = commands.add_parser("info", help="print what a bundle holds")
     info.add_argument("bundle", type=Path)
     args = parser.parse_args(argv)
     try:
-        if args.command == "export":
-            path = export_from_lightning_checkpoint(args.checkpoint, args.out)
-            print(f"bundle: {path}")
-        elif args.command == "import-official":
-            given = {"base_model": args.base_model, "vae": args.vae, "image_encoder": args.image_encoder}
-            base_models = {**OFFICIAL_BASE_MODELS, **{k: v for k, v in given.items() if v}} if any(given.values()) else None
-            result = import_official(args.source, args.out, base_models=base_models,
-                                     architecture=args.architecture_from, link=args.link)
-            print("found: " + ", ".join(f"{OFFICIAL_FILES[name]} -> {name}" for name in result.found))
-            if result.missing:
-                print("not found (the bundle lacks them): " + ", ".join(OFFICIAL_FILES[name] for name in result.missing))
-            print(f"bundle: {result.path}")
-        elif args.command == "info":
-            opened = Bundle.open(args.bundle)
-            print(yaml.safe_dump({k: v for k, v in opened.document.items() if k != "components"}, sort_keys=False))
-            for name, entry in opened.components.items():
-                print(f"{name}: {entry['class']} ({entry.get('num_tensors', '?')} tensors)")
+        with signals.signals_raise():
+            return _bundle_command(args)
     except AniPortraitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except signals.Interrupted as error:
+        return signals.report(error, kept="nothing (the bundle is written under a temporary name, now removed)",
+                              resume="rerun the same command")
+
+
+def _bundle_command(args: argparse.Namespace) -> int:
+    """One ``python -m aniportrait.bundle`` subcommand; errors propagate to :func:`bundle`."""
+    import yaml
+
+    from aniportrait.bundle import OFFICIAL_BASE_MODELS, OFFICIAL_FILES, Bundle, import_official
+    from aniportrait.training.export import export_from_lightning_checkpoint
+
+    if args.command == "export":
+        path = export_from_lightning_checkpoint(args.checkpoint, args.out, overwrite=args.force)
+        print(f"bundle: {path}")
+    elif args.command == "import-official":
+        given = {"base_model": args.base_model, "vae": args.vae, "image_encoder": args.image_encoder}
+        base_models = {**OFFICIAL_BASE_MODELS, **{k: v for k, v in given.items() if v}} if any(given.values()) else None
+        result = import_official(args.source, args.out, base_models=base_models,
+                                 architecture=args.architecture_from, link=args.link, overwrite=args.force)
+        print("found: " + ", ".join(f"{OFFICIAL_FILES[name]} -> {name}" for name in result.found))
+        if result.missing:
+            print("not found (the bundle lacks them): " + ", ".join(OFFICIAL_FILES[name] for name in result.missing))
+        print(f"bundle: {result.path}")
+    elif args.command == "info":
+        opened = Bundle.open(args.bundle)
+        print(yaml.safe_dump({k: v for k, v in opened.document.items() if k != "components"}, sort_keys=False))
+        for name, entry in opened.components.items():
+            print(f"{name}: {entry['class']} ({entry.get('num_tensors', '?')} tensors)")
     return 0
