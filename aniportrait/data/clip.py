@@ -22,6 +22,7 @@ import numpy as np
 
 from aniportrait.errors import AniPortraitError
 from aniportrait.utils.atomic import atomic_path
+from aniportrait.utils.files import read_arrays
 
 __all__ = [
     "ClipRecord",
@@ -172,13 +173,7 @@ def validate_landmarks(arrays: dict[str, np.ndarray], name: str, frames: int | N
 def load_landmarks(path: str | os.PathLike, frames: int | None = None) -> dict[str, np.ndarray]:
     """Read and validate a landmarks.npz (all arrays, extras included)."""
     path = Path(path)
-    if not path.is_file():
-        raise AniPortraitError(f"landmarks file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as error:
-        raise AniPortraitError(f"cannot read landmarks {path} ({error}); the file is corrupt") from error
+    arrays = read_arrays(path, "landmarks file", finite=("lmks", "mesh3d", "trans_mat", "blendshapes"))
     validate_landmarks(arrays, str(path), frames)
     return arrays
 
