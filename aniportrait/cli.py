@@ -2,7 +2,11 @@
 ``python -m aniportrait.bundle``; the top of the import order (nothing of ours imports this module).
 
 The Hydra ones take ``key=value`` overrides. Bad input ends with one ``error: ...`` line on stderr and exit
-status 2; an unknown config key is reported the same way before anything runs. ``infer.py mode=...`` builds an
+status 2; an unknown config key is reported the same way before anything runs. Values that Hydra's grammar
+would reject unquoted (paths with spaces, non-ASCII letters, ``=``) are quoted here, so ``reference=/my photos/
+café.png`` works as typed. SIGINT/SIGTERM end with one ``interrupted by ...: kept ...; to resume: ...`` line and
+status 128 + the signal number; temporary files are removed first. ``train.py resume=RUN_DIR`` replays that
+run's overrides and continues in its folder. ``infer.py mode=...`` builds an
 :class:`~aniportrait.api.AniPortrait` and calls the method of its mode (:data:`INFER_MODES`).
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.utils import signals
 
 __all__ = ["train", "evaluate", "infer", "bundle", "config_dir", "INFER_MODES", "infer_task", "options_from_config"]
 
@@ -58,10 +64,61 @@ def _rewrite_path_groups(argv: list[str], conf: Path) -> list[str]:
     return out
 
 
+def _quote_values(overrides: list[str]) -> list[str]:
+    """``key=/my photos/café.png`` -> ``key='/my photos/café.png'``: only where Hydra cannot parse the value as typed
+    and the quoted form reads back as exactly that text."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    out = []
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if arg.startswith("-") or not sep:
+            out.append(arg)
+            continue
+        try:
+            parser.parse_override(arg)
+            out.append(arg)
+            continue
+        except HydraException:
+            pass
+        quoted = f"{key}='" + value.replace("\\'", "\\\\'").replace("'", "\\'") + "'"
+        try:
+            out.append(quoted if parser.parse_override(quoted).value() == value else arg)
+        except HydraException:
+            out.append(arg)
+    return out
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _resume_overrides(overrides: list[str]) -> list[str]:
+    """``resume=RUN_DIR``: that run's own overrides (.hydra/overrides.yaml) first, then the ones given now, and
+    the run folder as Hydra's output folder, so the run continues where it was."""
+    import yaml
+
+    given = [arg for arg in overrides if _key(arg) == "resume"]
+    if not given or not given[-1].partition("=")[2]:
+        return overrides
+    run_dir = Path(given[-1].partition("=")[2].strip("'\"")).expanduser().resolve()
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        _fail(f"resume={run_dir}: not the folder of a training run (no .hydra/overrides.yaml); give the run folder "
+              "printed when it stopped (logs/train/<date>/<time>)")
+    keys = {_key(arg) for arg in overrides}
+    replayed = [arg for arg in (yaml.safe_load(saved.read_text()) or [])
+                if _key(arg) not in keys and _key(arg) not in ("resume", "overwrite")]
+    kept = [arg for arg in overrides if _key(arg) != "resume"]
+    return [*replayed, *kept, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+
+
 def _check_overrides(conf: Path, config_name: str, overrides: list[str]) -> None:
     """Compose once to turn Hydra's multi-line override errors into one line naming the key."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     if any(arg.startswith("-") for arg in overrides) or any("," in arg.partition("=")[2] for arg in overrides):
@@ -69,7 +126,7 @@ def _check_overrides(conf: Path, config_name: str, overrides: list[str]) -> None
     try:
         with initialize_config_dir(config_dir=str(conf), version_base="1.3", job_name="check"):
             compose(config_name=config_name, overrides=overrides)
-    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException) as error:
         text = " ".join(str(error).split())
         bad = next((arg for arg in overrides if arg.partition("=")[0].lstrip("+~") in text), None)
         hint = f" (from `{bad}`)" if bad else ""
@@ -84,27 +141,40 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("cwd", os.getcwd)  # usable before Hydra's runtime config exists
 
 
-def run_hydra(config_name: str, task: Callable, argv: list[str] | None = None):
-    """Run ``task(cfg)`` under Hydra with the project's conf/ folder and our error handling."""
+def _interrupted(error: BaseException, kept: str, resume: str) -> None:
+    sys.exit(signals.report(error, kept, resume))
+
+
+def run_hydra(config_name: str, task: Callable, argv: list[str] | None = None, kept: str = "nothing"):
+    """Run ``task(cfg)`` under Hydra with the project's conf/ folder and our error handling. ``kept``: what an
+    interrupted run of this task leaves (unless the task's :class:`~aniportrait.utils.signals.Interrupted` says)."""
     import hydra
 
     _register_resolvers()
-
-    try:
-        conf = config_dir()
-    except AniPortraitError as error:
-        _fail(str(error))
-    overrides = _rewrite_path_groups(list(sys.argv[1:] if argv is None else argv), conf)
-    _check_overrides(conf, config_name, overrides)
-
-    def guarded(cfg):
+    given = list(sys.argv[1:] if argv is None else argv)
+    rerun = "rerun " + shlex.join(["python", f"{config_name}.py", *given])
+    with signals.signals_raise():
         try:
-            return task(cfg)
-        except AniPortraitError as error:
-            _fail(str(error))
+            try:
+                conf = config_dir()
+            except AniPortraitError as error:
+                _fail(str(error))
+            overrides = _rewrite_path_groups(given, conf)
+            if config_name == "train":
+                overrides = _resume_overrides(overrides)
+            overrides = _quote_values(overrides)
+            _check_overrides(conf, config_name, overrides)
 
-    sys.argv = [sys.argv[0], *overrides]
-    return hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(guarded)()
+            def guarded(cfg):
+                try:
+                    return task(cfg)
+                except AniPortraitError as error:
+                    _fail(str(error))
+
+            sys.argv = [sys.argv[0], *overrides]
+            return hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(guarded)()
+        except (signals.Interrupted, KeyboardInterrupt) as error:
+            _interrupted(error, kept, rerun)
 
 
 def _train_task(cfg):
@@ -125,15 +195,16 @@ def _evaluate_task(cfg):
 
 
 def train(argv: list[str] | None = None):
-    return run_hydra("train", _train_task, argv)
+    return run_hydra("train", _train_task, argv, kept="no checkpoint (training had not started)")
 
 
 def evaluate(argv: list[str] | None = None):
-    return run_hydra("evaluate", _evaluate_task, argv)
+    return run_hydra("evaluate", _evaluate_task, argv,
+                     kept="no results (metrics.json and clips.csv are written when scoring ends; no partial file)")
 
 
 def infer(argv: list[str] | None = None):
-    return run_hydra("infer", infer_task, argv)
+    return run_hydra("infer", infer_task, argv, kept="finished outputs only (no partial file)")
 
 
 # -- infer.py: its modes ------------------------------------------------------------------------------------
