@@ -202,6 +202,9 @@ def _check_run_folder(cfg: DictConfig, output_dir: Path, multi: bool) -> None:
         if Path(str(cfg.resume)).expanduser().resolve() != output_dir.resolve():
             raise AniPortraitError(f"resume={cfg.resume} continues in that folder, but this run writes to {output_dir}; "
                                    "start it as `python train.py resume=RUN_DIR` (train.py sets the folder)")
+        if (output_dir / "bundle").exists() and cfg.get("export", True) and not cfg.get("overwrite"):
+            raise AniPortraitError(f"the run in {output_dir} has finished (it holds bundle/): nothing to resume; add "
+                                   "overwrite=true to train its stages on and export the bundle again")
         return
     taken = [path for path in (output_dir / "bundle", output_dir / "checkpoints") if path.exists()]
     if taken and not cfg.get("overwrite"):
@@ -234,7 +237,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
             module, stage_metrics, trainer = _fit_stage(cfg, name, stage_cfg, source, output_dir, multi, trained)
         except Interrupted as error:
             finished = f"; finished stages: {', '.join(trained)}" if trained else ""
-            raise Interrupted(error.signal_name, kept=f"{error.kept}{finished}",
+            raise Interrupted(error.signal_name, kept=f"{error.kept or f'no checkpoint of stage {name} yet'}{finished}",
                               resume=shlex.join(["python", "train.py", f"resume={output_dir}"])) from error
         trained[name] = module
         metrics.update(stage_metrics)
