@@ -58,6 +58,7 @@ from aniportrait.metrics.suite import (
 )
 from aniportrait.metrics.sync import resample_indices
 from aniportrait.pipelines.landmarks import AudioToLandmarks, render_pose_images
+from aniportrait.utils import values as check
 from aniportrait.utils.atomic import atomic_path
 from aniportrait.utils.outputs import Overwrite, check_outputs
 
@@ -591,6 +592,21 @@ def _run_video_benchmark(cfg: DictConfig, root: Path, device: torch.device, gene
     return results
 
 
+def _check_settings(cfg: DictConfig, protocol: dict) -> None:
+    """The numbers of the protocol and the run, checked before any clip or network is loaded."""
+    check.integer("num_workers", cfg.get("num_workers", 0), minimum=0)
+    for key, minimum in (("clips", 1), ("frames_per_clip", 1), ("resolution", 8)):
+        if protocol.get(key) is not None:
+            check.integer(f"protocol.{key}", protocol[key], minimum=minimum, hint=" (or null: all)")
+    if protocol.get("fps") is not None:
+        check.number("protocol.fps", protocol["fps"], minimum=0, exclusive_minimum=True, hint=" (or null)")
+    check.integer("protocol.reference_frame", protocol.get("reference_frame", 0), minimum=0)
+    for section, key in (("fid", "frame_stride"), ("fvd", "clip_frames"), ("fvd", "frame_stride"),
+                         ("fvd", "clips_per_video")):
+        if key in protocol.get(section, {}):
+            check.integer(f"protocol.{section}.{key}", protocol[section][key], minimum=1)
+
+
 def evaluate(cfg: DictConfig) -> float | None:
     """Dispatch on the inputs: generated=DIR, a generation protocol, or the stage-A benchmark."""
     out_dir = Path(cfg.output_dir)
@@ -599,9 +615,10 @@ def evaluate(cfg: DictConfig) -> float | None:
         names.append("generated")  # generate_test_videos writes <output_dir>/generated/<clip id>.mp4
     check_outputs({f"output_dir/{name}": out_dir / name for name in names}, {"generated": cfg.get("generated")},
                   Overwrite(bool(cfg.get("overwrite")), "overwrite=true"))
+    protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
+    _check_settings(cfg, protocol)
     root = hydra.utils.instantiate(cfg.data).resolve()
     device = resolve_device(cfg.get("device"))
-    protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
     name = protocol.get("name", "default")
     if cfg.get("generated"):
         generated_dir = Path(str(cfg.generated)).expanduser()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.utils import values
 from aniportrait.utils.atomic import atomic_path
 from aniportrait.utils.files import read_arrays
 
@@ -81,8 +82,13 @@ class ClipRecord:
             raise AniPortraitError(f"{where}: clip {data['id']!r} has split {data['split']!r}; use one of {SPLITS}")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         extra = {k: v for k, v in data.items() if k not in known}
-        values = {k: data[k] for k in known if k in data}
-        return cls(**values, extra=extra)
+        fields = {k: data[k] for k in known if k in data}
+        clip = f"{where}: clip {data['id']!r}"
+        fields["fps"] = values.number(f"{clip} fps", data["fps"], minimum=0, exclusive_minimum=True)
+        for key in ("frames", "width", "height"):
+            fields[key] = values.integer(f"{clip} {key}", data[key], minimum=1)
+        fields["duration_s"] = values.number(f"{clip} duration_s", data["duration_s"], minimum=0)
+        return cls(**fields, extra=extra)
 
     def path(self, root: Path, key: str) -> Path | None:
         relative = getattr(self, key)

@@ -455,7 +455,7 @@ class MetricSuite:
             return
         both = sample.landmarks["valid"] & reference.landmarks["valid"]
         if not both.any():
-            notes["landmarks"] = "no frame with a face in both videos"
+            notes.setdefault("landmarks", "no frame with a face in both videos")
             return
         height, width = sample.frames.shape[1:3]
         scale = np.array([width, height], np.float64)

@@ -1,0 +1,395 @@
+"""The reliability rules of every entry point (issue 13), one test per rule, each table-driven over the places the
+rule applies to:
+
+1. a command never deletes or overwrites a file it did not create unless asked (overwrite=true / --force); an
+   output that is an input is refused even then; all before any model loads;
+2. every value is checked where it enters (config, CLI, API, batch row, manifest), the allowed range in the message;
+3. every file is checked when it is opened;
+4. paths with spaces and non-ASCII letters work on every Hydra entry point as typed;
+5. SIGINT/SIGTERM leave no temporary files (or the next run removes them) and end non-zero with one line saying
+   what was kept and how to resume; model=all resumes;
+6. evaluation scores every row over the same clips, says per clip why one was not scored, and fails when nothing
+   could be scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from conftest import REPO, run_cli
+from omegaconf import OmegaConf
+
+from aniportrait import bundle as bundle_cli
+from aniportrait.audio.io import load_audio
+from aniportrait.bundle import Bundle
+from aniportrait.data.clip import ClipRecord, Manifest, load_landmarks
+from aniportrait.errors import AniPortraitError
+from aniportrait.face.portrait import read_image_rgb
+from aniportrait.face.retarget import load_pose_template
+from aniportrait.metrics.suite import ClipPair, MetricSuite, VideoSample
+from aniportrait.models.checkpoints import read_checkpoint, read_training_checkpoint
+from aniportrait.utils.atomic import atomic_path
+from aniportrait.utils.signals import Interrupted, signals_raise
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+ODD = "naïve dir/ü é"  # a space and non-ASCII letters in every path of rule 4
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    """Every file under ``roots`` -> its sha256: what must not change when a command refuses."""
+    files = {}
+    for root in roots:
+        for path in sorted([root] if root.is_file() else root.rglob("*")):
+            if path.is_file():
+                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def _error_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dataset, tmp_path_factory) -> dict[str, str]:
+    return {"ANIPORTRAIT_DATA": str(tiny_dataset.parent), "ANIPORTRAIT_LOGS": str(tmp_path_factory.mktemp("logs"))}
+
+
+# -- rule 5 (and the checkpoints rule 1 exports): an interrupted model=all run, then resumed ------------------------
+
+
+def _run_folder(logs: Path) -> Path | None:
+    folders = sorted(logs.glob("train/*/*"))
+    return folders[-1] if folders else None
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(env, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`train.py` (model=all without stage 2, to stay quick; 4 steps a stage from the command line), sent SIGTERM
+    once stage 1 saved step 2."""
+    logs = tmp_path_factory.mktemp("train_logs")
+    environment = {**os.environ, **env, "ANIPORTRAIT_LOGS": str(logs), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    command = [sys.executable, str(REPO / "train.py"), "data=synthetic_tiny", "~model.stages.video_stage2",
+               "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+               "trainer.log_every_n_steps=1"]
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        run = _run_folder(logs)
+        if run is not None and (run / "checkpoints" / "video_stage1" / "step_000002.ckpt").is_file():
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=180)
+    return _run_folder(logs), subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_a_stopped_run_keeps_its_checkpoints_says_so_and_resumes_every_stage(interrupted_run, env):
+    run, result = interrupted_run
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted by SIGTERM: kept ") and "video_stage1/last.ckpt (stage video_stage1, step" in last
+    assert "finished stages: audio" in last and last.endswith(f"to resume: python train.py resume={run}")
+    assert not [path for path in run.rglob("*") if ".tmp" in path.name], "temporary files left behind"
+    stopped_at = torch.load(run / "checkpoints" / "video_stage1" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= stopped_at < 4
+
+    resumed = run_cli("train.py", f"resume={run}", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == f"bundle: {run / 'bundle'}"
+    output = resumed.stdout + resumed.stderr
+    assert f"Restored all states from the checkpoint at {run / 'checkpoints' / 'audio' / 'last.ckpt'}" in output
+    assert f"{run / 'checkpoints' / 'video_stage1' / 'last.ckpt'}" in output
+    # trainer.max_steps=4 from the command line won over every stage's own max_steps (500 and 600 in model/all)
+    for stage in ("audio", "video_stage1"):
+        assert torch.load(run / "checkpoints" / stage / "last.ckpt", weights_only=True)["global_step"] == 4, stage
+    assert set(Bundle.open(run / "bundle").components) >= {"audio2mesh", "reference_unet", "pose_guider"}
+    again = run_cli("train.py", f"resume={run}", env=env)
+    assert again.returncode == 2 and "has finished" in _error_line(again.stderr)
+
+
+def test_sigterm_mid_write_leaves_no_temporary_file_and_the_next_run_removes_a_killed_ones(tmp_path):
+    target = tmp_path / "out" / "video.mp4"
+    with pytest.raises(Interrupted) as stopped, signals_raise():
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a video")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert stopped.value.signal_name == "SIGTERM" and not list(target.parent.iterdir())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended: what a SIGKILLed run leaves looks like this
+    left = [target.parent / f".video.{dead_pid}.abcd_123.tmp.mp4", target.parent / f".bundle.{dead_pid}.zzzz0000.tmp"]
+    left[0].write_bytes(b"partial")
+    left[1].mkdir()
+    alive = target.parent / f".other.{os.getpid()}.abcdefgh.tmp.mp4"  # a write in progress in this process
+    alive.write_bytes(b"in progress")
+    user_file = target.parent / ".video.12.notes.tmp.txt"  # not our naming: never touched
+    user_file.write_bytes(b"mine")
+    from aniportrait.utils import atomic
+
+    atomic._cleaned.discard(target.parent.resolve())
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"a whole video")
+    assert target.read_bytes() == b"a whole video"
+    assert not any(path.exists() for path in left) and alive.exists() and user_file.exists()
+
+
+# -- rule 1: nothing is destroyed without being asked ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def release(tiny_bundle, tmp_path_factory) -> Path:
+    """An official-layout audio2mesh.pt (the tiny bundle's weights), imported with --architecture-from tiny_bundle."""
+    folder = tmp_path_factory.mktemp("release")
+    torch.save(Bundle.open(tiny_bundle).load("audio2mesh").state_dict(), folder / "audio2mesh.pt")
+    return folder
+
+
+BUNDLE_CASES = ["import: OUT is the release folder", "import: OUT is a folder of other files",
+                "import: OUT is a bundle", "export: OUT holds the checkpoint", "export: OUT is a folder of other files",
+                "export: OUT is a bundle"]
+
+
+@pytest.mark.parametrize("case", BUNDLE_CASES)
+def test_bundle_commands_never_destroy_what_they_did_not_write(case, release, tiny_bundle, interrupted_run, tmp_path,
+                                                               capsys):
+    run, _ = interrupted_run
+    out = tmp_path / "out"
+    if "release folder" in case:
+        out = release
+    elif "holds the checkpoint" in case:
+        out.mkdir()
+        (out / "last.ckpt").write_bytes((run / "checkpoints" / "audio" / "last.ckpt").read_bytes())
+    elif "other files" in case:
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes")
+    else:
+        out.mkdir()
+        (out / "aniportrait.yaml").write_text("format: aniportrait-bundle\nformat_version: 1\ncomponents: {}\n")
+    checkpoint = out / "last.ckpt" if "holds the checkpoint" in case else run / "checkpoints" / "audio" / "last.ckpt"
+    if case.startswith("import"):
+        argv = ["import-official", str(release), str(out), "--architecture-from", str(tiny_bundle), "--link"]
+    else:
+        argv = ["export", str(checkpoint), str(out)]
+    before = _snapshot(out, release, checkpoint)
+    assert bundle_cli.main(argv) == 2
+    message = _error_line(capsys.readouterr().err)
+    assert str(out) in message or str(out.resolve()) in message
+    assert _snapshot(out, release, checkpoint) == before
+    if case.endswith("is a bundle"):  # --force replaces a bundle, and only a bundle
+        assert bundle_cli.main([*argv, "--force"]) == 0
+        assert "audio2mesh" in Bundle.open(out).components
+    else:
+        assert bundle_cli.main([*argv, "--force"]) == 2 and _snapshot(out, release, checkpoint) == before
+
+
+def test_hydra_entry_points_refuse_to_replace_what_another_run_wrote(env, tmp_path):
+    evaluated = tmp_path / "evaluated"
+    evaluated.mkdir()
+    (evaluated / "metrics.json").write_text("{}")
+    trained = tmp_path / "trained"
+    (trained / "checkpoints").mkdir(parents=True)
+    (trained / "checkpoints" / "last.ckpt").write_bytes(b"another run's")
+    cases = [("evaluate.py", [f"output_dir={evaluated}", f"generated={tmp_path}"], evaluated / "metrics.json"),
+             ("train.py", [f"hydra.run.dir={trained}", "model=audio"], trained)]
+    for script, args, named in cases:
+        before = _snapshot(tmp_path)
+        result = run_cli(script, *args, "data=synthetic_tiny", env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        message = _error_line(result.stderr)
+        assert str(named) in message and "overwrite=true" in message, message
+        after = _snapshot(tmp_path)  # (Hydra adds its .hydra/ config files; nothing that was there changes)
+        assert {key: after.get(key) for key in before} == before
+
+
+# -- rule 2: values are checked where they enter --------------------------------------------------------------------
+
+
+def _manifest_entry(**change) -> dict:
+    entry = {"id": "c", "split": "test", "identity": "a", "fps": 30, "frames": 10, "width": 64, "height": 64,
+             "duration_s": 0.33, "source": "s", "video": "v.mp4", "landmarks": "l.npz"}
+    return {**entry, **change}
+
+
+def test_every_value_is_checked_where_it_enters():
+    from aniportrait.evaluation import _check_settings
+    from aniportrait.training.run import _check_trainer
+
+    cases = [
+        (lambda: _check_trainer(OmegaConf.create({"max_steps": "abc"})), "trainer.max_steps='abc': give a whole number >= -1"),
+        (lambda: _check_trainer(OmegaConf.create({"max_steps": -5})), "trainer.max_steps=-5"),
+        (lambda: _check_trainer(OmegaConf.create({"max_steps": 3, "val_check_interval": 0})), "trainer.val_check_interval=0"),
+        (lambda: _check_trainer(OmegaConf.create({"max_steps": 3, "accumulate_grad_batches": 0})),
+         "trainer.accumulate_grad_batches=0: give a whole number >= 1"),
+        (lambda: ClipRecord.from_dict(_manifest_entry(fps=-30), "m.jsonl"), "m.jsonl: clip 'c' fps=-30: give a number > 0"),
+        (lambda: ClipRecord.from_dict(_manifest_entry(frames=0), "m.jsonl"), "clip 'c' frames=0: give a whole number >= 1"),
+        (lambda: _check_settings(OmegaConf.create({"num_workers": -1}), {}), "num_workers=-1: give a whole number >= 0"),
+        (lambda: _check_settings(OmegaConf.create({}), {"frames_per_clip": 0}), "protocol.frames_per_clip=0"),
+        (lambda: _check_settings(OmegaConf.create({}), {"fps": 0}), "protocol.fps=0: give a number > 0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(AniPortraitError) as error:
+            call()
+        assert message in str(error.value), (message, str(error.value))
+
+
+def test_a_bad_value_on_the_command_line_is_one_error_before_any_work(env):
+    result = run_cli("train.py", "trainer.max_steps=abc", "data=synthetic_tiny", env=env)
+    assert result.returncode == 2
+    assert "trainer.max_steps='abc': give a whole number >= -1" in _error_line(result.stderr)
+    assert "training stage" not in result.stdout + result.stderr
+
+
+# -- rule 3: files are checked when they are opened ----------------------------------------------------------------
+
+
+def test_every_file_is_checked_when_opened(tiny_bundle, tiny_dataset, interrupted_run, tmp_path):
+    clip = tiny_dataset / "clips" / Manifest.load(tiny_dataset).records[0].id
+    run, _ = interrupted_run
+
+    def half(source: Path, name: str) -> Path:
+        data = source.read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+        return tmp_path / name
+
+    def samples(name: str, value: float) -> Path:
+        audio = np.zeros(16000, np.float32)
+        audio[8000] = value
+        soundfile.write(tmp_path / name, audio, 16000, subtype="FLOAT")
+        return tmp_path / name
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    np.save(tmp_path / "template.npy", np.zeros((10, 6)))
+    broken_bundle = tmp_path / "bundle"
+    broken_bundle.mkdir()
+    for file in Path(tiny_bundle).iterdir():
+        (broken_bundle / file.name).write_bytes(file.read_bytes())
+    half(Path(tiny_bundle) / "audio2mesh.safetensors", "bundle/audio2mesh.safetensors")
+    cases = [
+        (lambda: read_image_rgb(tmp_path / "empty.png"), "empty.png is empty (0 bytes)"),
+        (lambda: load_audio(samples("nan.wav", np.nan)), "nan.wav holds 1 NaN or infinite samples (the first at 0.500 s)"),
+        (lambda: load_audio(samples("inf.wav", np.inf)), "inf.wav holds 1 NaN or infinite samples"),
+        (lambda: load_landmarks(half(clip / "landmarks.npz", "truncated.npz")), "truncated.npz (File is not a zip file)"),
+        (lambda: load_landmarks(tmp_path / "empty.png"), "empty.png is empty (0 bytes)"),
+        (lambda: load_pose_template(half(tmp_path / "template.npy", "template_half.npy")), "template_half.npy"),
+        (lambda: read_checkpoint(broken_bundle / "audio2mesh.safetensors"), "is not a readable .safetensors file"),
+        (lambda: Bundle.open(broken_bundle).load("audio2mesh"), "truncated or corrupt"),
+        (lambda: read_training_checkpoint(tmp_path / "missing.ckpt"), "ckpt_path=" + str(tmp_path / "missing.ckpt")),
+        (lambda: read_training_checkpoint(half(run / "checkpoints" / "audio" / "last.ckpt", "half.ckpt")),
+         "half.ckpt is not a complete checkpoint"),
+        (lambda: read_training_checkpoint(tmp_path), "a folder"),
+    ]
+    for call, message in cases:
+        with pytest.raises(AniPortraitError) as error:
+            call()
+        assert message in str(error.value), (message, str(error.value))
+
+
+# -- rule 4: paths with spaces and non-ASCII letters ---------------------------------------------------------------
+
+
+def test_paths_with_spaces_and_non_ascii_letters_reach_every_entry_point(env, tiny_bundle, tiny_dataset, tmp_path):
+    from aniportrait.cli import _quote_values
+
+    odd = tmp_path / ODD
+    odd.mkdir(parents=True)
+    assert _quote_values([f"reference={odd}/a=b's.png", "steps=3", "-m", "seed=1,2"]) == [
+        f"reference='{odd}/a=b\\'s.png'", "steps=3", "-m", "seed=1,2"]
+    clip = tiny_dataset / "clips" / Manifest.load(tiny_dataset).records[0].id
+    (odd / "pose ü.npz").write_bytes((clip / "landmarks.npz").read_bytes())
+    (odd / "spé ech.wav").write_bytes((clip / "audio.wav").read_bytes())
+    result = run_cli("infer.py", "mode=landmarks", f"bundle={tiny_bundle}", f"reference={odd / 'pose ü.npz'}",
+                     f"audio={odd / 'spé ech.wav'}", f"output={odd / 'out put.mp4'}", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (odd / "out put.mp4").is_file() and (odd / "out put.npz").is_file()
+    for script, args, named in [("train.py", ["model=audio", f"ckpt_path={odd / 'x y.ckpt'}"], odd / "x y.ckpt"),
+                                ("evaluate.py", [f"generated={odd}"], odd)]:
+        result = run_cli(script, "data=synthetic_tiny", *args, env=env)
+        assert result.returncode == 2 and str(named) in _error_line(result.stderr), result.stderr[-2000:]
+
+
+# -- rule 6: evaluation ---------------------------------------------------------------------------------------------
+
+
+def _sample(frames: np.ndarray, faces: bool) -> VideoSample:
+    count = len(frames)
+    lmks = np.tile(np.linspace(0.2, 0.8, 478 * 3, dtype=np.float32).reshape(1, 478, 3), (count, 1, 1))
+    sample = VideoSample(torch.from_numpy(frames), 30.0, None)
+    sample.landmarks = {"lmks": lmks, "blendshapes": np.zeros((count, 52), np.float32), "valid": np.full(count, faces)}
+    if not faces:
+        sample.notes["landmarks"] = "no face found in any frame"
+    return sample
+
+
+def test_every_row_covers_the_same_clips_and_says_what_was_left_out():
+    rng = np.random.default_rng(0)
+    suite = MetricSuite({"ssim": True, "psnr": True, "landmarks": "landmarker.task"}, {}, {"sanity": True},
+                        torch.device("cpu"), enabled={"ssim", "psnr", "landmarks"})
+    for clip, generated in (("faceless", "noise"), ("missing", None), ("good", "blurred")):
+        truth = rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+        reference = _sample(truth, faces=True)
+        pair = ClipPair(clip, reference)
+        pair.status["generated"] = "ok" if generated else "missing"
+        if generated == "noise":
+            pair.methods["generated"] = _sample(rng.integers(0, 255, truth.shape, dtype=np.uint8), faces=False)
+        elif generated:
+            pair.methods["generated"] = _sample((truth // 2 + 60).astype(np.uint8), faces=True)
+        pair.methods.update(ground_truth=reference, copy_reference=_sample(np.repeat(truth[:1], 4, axis=0), faces=True))
+        pair.status.update(ground_truth="ok", copy_reference="ok")
+        rows = suite.score(pair)
+        if clip == "missing":
+            assert [row["status"] for row in rows][0] == "missing"
+            assert all(row["status"].startswith("not scored: generated video missing") for row in rows[1:])
+            assert not any("ssim" in row for row in rows)
+        if clip == "faceless":
+            copy_row = next(row for row in rows if row["method"] == "copy_reference")
+            assert "lmd_face" in copy_row and "in no row's average (generated: no face found in any frame)" in copy_row["notes"]
+    summary = suite.summary(["generated", "ground_truth", "copy_reference"])
+    assert summary["ground_truth"]["ssim"] == pytest.approx(1.0) and summary["generated"]["lmd_face"] is not None
+    # every row: the frames of the two scored clips for SSIM, the one clip with faces in every row for LMD
+    for method in ("generated", "ground_truth", "copy_reference"):
+        assert suite._counts[method]["ssim"] == 8 and suite._counts[method]["lmd_face"] == 4, method
+    assert set(suite.left_out["lmd_face"]) == {"faceless", "missing"} and set(suite.left_out["ssim"]) == {"missing"}
+    assert suite.left_out["lmd_face"]["faceless"] == "generated: no face found in any frame"
+
+
+def test_evaluate_fails_when_nothing_could_be_scored(env, tiny_dataset, tmp_path):
+    test_clips = [record.id for record in Manifest.load(tiny_dataset).split("test")]
+    empty, corrupt = tmp_path / "empty", tmp_path / "corrupt"
+    empty.mkdir()
+    (empty / "notes.mp4").write_bytes(b"x")
+    corrupt.mkdir()
+    for clip in test_clips:
+        (corrupt / f"{clip}.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    fast = ["metrics.enabled=[ssim,psnr]", "metrics.download=false", "num_workers=0", "protocol.frames_per_clip=8"]
+    for folder, named in ((empty, f"expected names like {test_clips[0]}.mp4; the folder has notes.mp4"),
+                          (corrupt, f"none of the {len(test_clips)} clips has a usable generated video ({test_clips[0]}: corrupt")):
+        out = tmp_path / f"results_{folder.name}"
+        result = run_cli("evaluate.py", f"generated={folder}", "data=synthetic_tiny", f"output_dir={out}", *fast, env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert named in _error_line(result.stderr)
+        assert not (out / "metrics.json").exists()
+
+
+def test_interrupt_message_and_status_name_what_was_kept():
+    from aniportrait.utils.signals import exit_status, message
+
+    error = Interrupted("SIGTERM", kept="out/a.mp4 (1 of 3 jobs)")
+    assert exit_status(error) == 143 and exit_status(Interrupted("SIGINT")) == 130
+    assert message(error, kept="default", resume="rerun python infer.py x=1") == (
+        "interrupted by SIGTERM: kept out/a.mp4 (1 of 3 jobs); to resume: rerun python infer.py x=1")
+    assert "\n" not in message(Interrupted("SIGINT"), "nothing", "rerun")
