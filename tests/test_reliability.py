@@ -29,9 +29,9 @@ import torch
 from conftest import REPO, run_cli
 from omegaconf import OmegaConf
 
-from aniportrait import bundle as bundle_cli
 from aniportrait.audio.io import load_audio
 from aniportrait.bundle import Bundle
+from aniportrait.cli import bundle as bundle_command
 from aniportrait.data.clip import ClipRecord, Manifest, load_landmarks
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import read_image_rgb
@@ -186,15 +186,15 @@ def test_bundle_commands_never_destroy_what_they_did_not_write(case, release, ti
     else:
         argv = ["export", str(checkpoint), str(out)]
     before = _snapshot(out, release, checkpoint)
-    assert bundle_cli.main(argv) == 2
+    assert bundle_command(argv) == 2
     message = _error_line(capsys.readouterr().err)
     assert str(out) in message or str(out.resolve()) in message
     assert _snapshot(out, release, checkpoint) == before
     if case.endswith("is a bundle"):  # --force replaces a bundle, and only a bundle
-        assert bundle_cli.main([*argv, "--force"]) == 0
+        assert bundle_command([*argv, "--force"]) == 0
         assert "audio2mesh" in Bundle.open(out).components
     else:
-        assert bundle_cli.main([*argv, "--force"]) == 2 and _snapshot(out, release, checkpoint) == before
+        assert bundle_command([*argv, "--force"]) == 2 and _snapshot(out, release, checkpoint) == before
 
 
 def test_hydra_entry_points_refuse_to_replace_what_another_run_wrote(env, tmp_path):
