@@ -49,6 +49,8 @@ from aniportrait.inference import (
     ProcessedAudio,
     WaveformAudioProcessor,
     batch_summary,
+    check_batch_outputs,
+    check_collisions,
     check_output_path,
     generate_video,
     load_reference,
@@ -61,7 +63,8 @@ from aniportrait.inference import (
     video_size,
     write_landmark_outputs,
 )
-from aniportrait.pipelines.landmarks import LandmarkPrediction
+from aniportrait.pipelines.landmarks import LandmarkPrediction, resolve_identity
+from aniportrait.utils.signals import Interrupted
 
 if TYPE_CHECKING:
     from aniportrait.pipelines.pose2video import Pose2VideoPipeline
@@ -193,7 +196,7 @@ class AniPortrait:
             motion = motion_from_audio(self.audio_processor, self.motion_model, portrait, audio_path, opts)
             return MeshPoseFrames(motion, portrait, size), motion.fps, motion.audio
 
-        return self._animate(image_path, output_path, options, drive)
+        return self._animate(image_path, output_path, options, drive, {"audio": audio_path})
 
     def animate_from_video(self, image_path: str | os.PathLike, video_path: str | os.PathLike,
                            output_path: str | os.PathLike, **options: Any) -> AnimationResult:
@@ -202,7 +205,7 @@ class AniPortrait:
             motion = motion_from_video(portrait, video_path, opts, self.landmarker_model)
             return MeshPoseFrames(motion, portrait, size), motion.fps, motion.audio
 
-        return self._animate(image_path, output_path, options, drive)
+        return self._animate(image_path, output_path, options, drive, {"video": video_path})
 
     def animate_from_landmarks(self, image_path: str | os.PathLike, landmarks_path: str | os.PathLike,
                                output_path: str | os.PathLike, audio_path: str | os.PathLike | None = None,
@@ -214,7 +217,7 @@ class AniPortrait:
                                                        self.bundle.settings.get("video", {}).get("fps") or 30.0)
             return frames, fps, (load_audio(audio_path) if audio_path else audio)
 
-        return self._animate(image_path, output_path, options, drive)
+        return self._animate(image_path, output_path, options, drive, {"landmarks": landmarks_path, "audio": audio_path})
 
     def landmarks(self, image_path: str | os.PathLike, output_path: str | os.PathLike,
                   audio_path: str | os.PathLike | np.ndarray | None = None, video_path: str | os.PathLike | None = None,
@@ -226,6 +229,11 @@ class AniPortrait:
         output = check_output_path(output_path)
         if (audio_path is None) == (video_path is None):
             raise AniPortraitError("landmarks need exactly one driver: audio_path (speech) or video_path (a driving video)")
+        check_collisions({"output": output, "output (its .npz)": output.with_suffix(".npz")},
+                         {"reference": image_path, "audio": audio_path, "video": video_path,
+                          "pose_template": opts.pose_template}, opts)
+        if audio_path is not None:
+            self._check_identity(opts)
         portrait = load_reference(image_path, opts.reference_frame, opts.size, self.landmarker_model)
         if audio_path is not None:
             motion = motion_from_audio(self.audio_processor, self.motion_model, portrait, audio_path, opts)
@@ -246,8 +254,30 @@ class AniPortrait:
             "audio": self.animate, "video": self.animate_from_video, "pose": self.animate_from_landmarks,
             "landmarks": self.landmarks}
         progress = bool(defaults.get("progress", True))
+        jobs = list(jobs)
+        readable = {}  # job number -> normalised job; the others fail below, each with its reason
+        for index, job in enumerate(jobs, 1):
+            try:
+                readable[index] = normalise_job(job)
+            except AniPortraitError:
+                pass
+        check_batch_outputs(list(readable.values()), [f"job {index}" for index in readable])  # before anything runs
         results = []
-        for index, job in enumerate(tqdm(list(jobs), desc="jobs", unit="job", disable=not progress), 1):
+        try:
+            self._run_jobs(jobs, methods, skip_existing, defaults, progress, results)
+        except Interrupted as error:
+            done = sum(result.status == "done" for result in results)
+            raise Interrupted(error.signal_name, kept=f"{done} outputs finished in this run, {len(results)} of "
+                              f"{len(jobs)} jobs handled (job {len(results) + 1}'s partial file removed)",
+                              resume="rerun the same command: finished outputs are skipped") from error
+        if progress:
+            print(batch_summary(results), flush=True)
+        return results
+
+    @staticmethod
+    def _run_jobs(jobs: list[Mapping[str, Any]], methods: Mapping[str, Callable[..., AnimationResult]],
+                  skip_existing: bool, defaults: Mapping[str, Any], progress: bool, results: list) -> None:
+        for index, job in enumerate(tqdm(jobs, desc="jobs", unit="job", disable=not progress), 1):
             output = None
             try:
                 arguments = normalise_job(job)
@@ -263,20 +293,21 @@ class AniPortrait:
                     log.exception("batch job %d (%s) failed", index, output)
                 results.append(BatchJobResult(index, output, "failed", f"{type(error).__name__}: {error}"
                                               if not isinstance(error, AniPortraitError) else str(error)))
-        if progress:
-            print(batch_summary(results), flush=True)
-        return results
 
     # -- shared steps --------------------------------------------------------------------------------------------
 
     def _animate(self, image_path: str | os.PathLike, output_path: str | os.PathLike, options: Mapping[str, Any],
                  drive: Callable[[Portrait, AnimationOptions, tuple[int, int]], tuple[Any, float, np.ndarray | None]],
-                 ) -> AnimationResult:
-        """Check the output and the bundle, load the portrait at the output size, get its pose frames from the driver,
-        then stream stage B to the output."""
+                 inputs: Mapping[str, Any]) -> AnimationResult:
+        """Check the options, the output (against the inputs too) and the bundle, load the portrait at the output size,
+        get its pose frames from the driver, then stream stage B to the output."""
         started = time.perf_counter()
         opts = AnimationOptions.from_kwargs(**options)
         output = check_output_path(output_path)
+        check_collisions({"output": output}, {"reference": image_path, **inputs, "pose_template": opts.pose_template},
+                         opts)
+        if "audio" in inputs and "landmarks" not in inputs:
+            self._check_identity(opts)
         self.bundle.require(*_VIDEO_COMPONENTS, purpose="video generation (stage B)")
         size = video_size(opts, self.bundle.settings.get("video", {}))  # (height, width)
         portrait = load_reference(image_path, opts.reference_frame, max(size), self.landmarker_model)
@@ -285,6 +316,16 @@ class AniPortrait:
             raise AniPortraitError(f"the driver of {output} gives no frames (length={opts.length}); nothing to generate")
         frames = generate_video(self.pipeline, portrait, pose_frames, output, fps, audio, opts)
         return self._finish(output, frames, fps, started, opts)
+
+    def _check_identity(self, opts: AnimationOptions) -> None:
+        """identity= against the bundle's Audio2Pose (its identity count and names) before any model loads; a swapped
+        in motion model interprets identities itself."""
+        if opts.identity is None or not isinstance(self._motion_model, (BundleMotionModel, type(None))):
+            return
+        entry = self.bundle.components.get("audio2pose")
+        if entry is not None:
+            resolve_identity(opts.identity, self.bundle.settings.get("audio", {}).get("pose", {}),
+                             int(entry.get("config", {}).get("num_identities", 100)))
 
     def _finish(self, output: Path, frames: int, fps: float, started: float, opts: AnimationOptions) -> AnimationResult:
         result = AnimationResult(output, frames, fps, time.perf_counter() - started, str(self.device))

@@ -215,20 +215,19 @@ def options_from_config(cfg: DictConfig) -> dict[str, Any]:
     pose = cfg.get("pose") or {}
     stream = cfg.get("stream") or {}
     interpolator = cfg.get("interpolator")
-    return {
+    return {  # as given: AnimationOptions checks and types every value (steps=abc is one error naming steps)
         "width": cfg.get("width"), "height": cfg.get("height"), "fps": cfg.get("fps"), "length": cfg.get("length"),
-        "steps": cfg.get("steps"), "guidance": cfg.get("guidance"), "seed": int(cfg.get("seed", 42)),
+        "steps": cfg.get("steps"), "guidance": cfg.get("guidance"), "seed": cfg.get("seed", 42),
         "context_frames": cfg.get("context_frames"), "context_overlap": cfg.get("context_overlap"),
         "scheduler": OmegaConf.to_container(cfg.scheduler) if isinstance(cfg.get("scheduler"), DictConfig)
         else cfg.get("scheduler"), "sampling": cfg.get("sampling"),
-        "keyframe_interval": int(cfg.get("keyframe_interval") or 1),
+        "keyframe_interval": cfg.get("keyframe_interval") or 1,
         "interpolator": OmegaConf.to_container(interpolator) if isinstance(interpolator, DictConfig) else interpolator,
-        "chunk_frames": None if stream.get("chunk_frames") is None else int(stream.chunk_frames),
-        "chunk_overlap": int(stream.get("chunk_overlap", 8)),
+        "chunk_frames": stream.get("chunk_frames"), "chunk_overlap": stream.get("chunk_overlap", 8),
         "pose_source": pose.get("source", "auto"), "pose_template": pose.get("template"),
         "rotation_scale": pose.get("rotation_scale"), "smooth_window": pose.get("smooth_window"),
-        "identity": cfg.get("identity"), "reference_frame": int(cfg.get("reference_frame", 0)),
-        "size": int(cfg.get("size", 512)), "progress": bool(cfg.get("progress", True)),
+        "identity": cfg.get("identity"), "reference_frame": cfg.get("reference_frame", 0),
+        "size": cfg.get("size", 512), "progress": cfg.get("progress", True), "overwrite": cfg.get("overwrite", False),
     }
 
 
@@ -272,7 +271,9 @@ def _infer_batch(ap, cfg: DictConfig, options: dict[str, Any]):
     from aniportrait.inference import read_manifest
 
     jobs = read_manifest(_need(cfg, "manifest", "mode=batch needs a job list: add manifest=JOBS.csv or JOBS.jsonl"))
-    results = ap.animate_batch(jobs, skip_existing=bool(cfg.get("skip_existing", True)), **options)
+    from aniportrait.utils.values import boolean
+
+    results = ap.animate_batch(jobs, skip_existing=boolean("skip_existing", cfg.get("skip_existing", True)), **options)
     failed = [result for result in results if result.status == "failed"]
     if failed:
         raise AniPortraitError(f"{len(failed)} of {len(results)} batch jobs failed (listed above); fix them and rerun: "
@@ -287,16 +288,18 @@ INFER_MODES: dict[str, Callable[..., Any]] = {"audio": _infer_audio, "video": _i
 def infer_task(cfg: DictConfig):
     """``python infer.py mode=...``: the AniPortrait method of the mode, with the config's options."""
     from aniportrait.api import AniPortrait
-    from aniportrait.inference import check_output_path
+    from aniportrait.inference import AnimationOptions, check_output_path
 
     mode = cfg.get("mode")
     if mode not in INFER_MODES:
         raise AniPortraitError(f"unknown mode={mode!r}; choose one of {', '.join(INFER_MODES)}")
+    options = options_from_config(cfg)
+    AnimationOptions.from_kwargs(**options)  # every value, before any model loads
     if mode != "batch":
-        check_output_path(cfg.get("output"))  # before any model loads
+        check_output_path(cfg.get("output"))
     ap = AniPortrait(bundle=cfg.get("bundle"), device=cfg.get("device"), dtype=cfg.get("dtype"),
                      landmarker_model=(cfg.get("face") or {}).get("landmarker_model"), compile=bool(cfg.get("compile")))
-    return INFER_MODES[mode](ap, cfg, options_from_config(cfg))
+    return INFER_MODES[mode](ap, cfg, options)
 
 
 # -- python -m aniportrait.bundle ----------------------------------------------------------------------------

@@ -27,7 +27,15 @@ batch          mode=batch manifests
 """
 
 from aniportrait.face.portrait import Portrait
-from aniportrait.inference.batch import JOB_MODES, BatchJobResult, batch_summary, normalise_job, read_manifest
+from aniportrait.inference.batch import (
+    JOB_MODES,
+    BatchJobResult,
+    batch_summary,
+    check_batch_outputs,
+    job_outputs,
+    normalise_job,
+    read_manifest,
+)
 from aniportrait.inference.generate import (
     build_sampling_scheduler,
     chunk_spans,
@@ -57,6 +65,7 @@ from aniportrait.inference.options import (
     AnimationOptions,
     AnimationResult,
     Sampling,
+    check_collisions,
     check_output_path,
     load_reference,
     resampled_indices,
@@ -91,6 +100,9 @@ __all__ = [
     "FlowInterpolator",
     "build_interpolator",
     "Portrait",
+    "check_batch_outputs",
+    "job_outputs",
+    "check_collisions",
     "check_output_path",
     "load_reference",
     "resolve_device",

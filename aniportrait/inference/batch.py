@@ -14,8 +14,10 @@ import yaml
 
 from aniportrait.errors import AniPortraitError
 from aniportrait.inference.options import AnimationOptions, AnimationResult
+from aniportrait.utils.outputs import Overwrite, check_outputs
 
-__all__ = ["BatchJobResult", "JOB_MODES", "normalise_job", "read_manifest", "batch_summary"]
+__all__ = ["BatchJobResult", "JOB_MODES", "normalise_job", "read_manifest", "batch_summary", "job_outputs",
+           "check_batch_outputs"]
 
 
 # manifest column / job key -> the AniPortrait method argument it names
@@ -73,7 +75,29 @@ def normalise_job(job: Mapping[str, Any], base_dir: Path | None = None) -> dict[
     for required in ("image_path", "output_path"):
         if required not in normalised:
             raise AniPortraitError(f"job lacks {required.removesuffix('_path')} (the {required} argument)")
+    AnimationOptions.from_kwargs(**{key: value for key, value in normalised.items() if key in option_names})
     return normalised
+
+
+def job_outputs(job: Mapping[str, Any], label: str = "output") -> dict[str, Path]:
+    """The files a normalised job writes: its output, and mode=landmarks' .npz beside it."""
+    output = Path(job["output_path"])
+    files = {label: output}
+    if job.get("mode") == "landmarks":
+        files[f"{label} (its .npz)"] = output.with_suffix(".npz")
+    return files
+
+
+def check_batch_outputs(jobs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> None:
+    """Before any job runs: every job writes files of its own, none of them one of its inputs (``labels`` name the
+    jobs in the messages: "line 3", "job 2"). Whether an existing output is skipped or replaced is each job's."""
+    everything: dict[str, Path] = {}
+    for label, job in zip(labels, jobs):
+        outputs = job_outputs(job, f"{label}: output")
+        inputs = {f"{label}: {key.removesuffix('_path')}": job.get(key) for key in _JOB_PATHS if key != "output_path"}
+        check_outputs(outputs, inputs, Overwrite(True, "overwrite=true"))
+        everything.update(outputs)
+    check_outputs(everything, overwrite=Overwrite(True, "overwrite=true"))
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -106,6 +130,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise AniPortraitError(f"{path} line {number}: {error}") from error
     if not jobs:
         raise AniPortraitError(f"batch manifest {path} holds no jobs")
+    check_batch_outputs(jobs, [f"{path} line {number}" for number, _ in rows])
     return jobs
 
 

@@ -5,6 +5,7 @@ video (retargeted onto the portrait)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from aniportrait.audio.io import SAMPLE_RATE, frame_count, load_audio
+from aniportrait.audio.io import SAMPLE_RATE, check_finite, frame_count, load_audio
 from aniportrait.bundle import Bundle
 from aniportrait.data.video import probe_video
 from aniportrait.errors import AniPortraitError
@@ -27,6 +28,8 @@ from aniportrait.pipelines.landmarks import AudioToLandmarks, LandmarkPrediction
 
 __all__ = ["ProcessedAudio", "AudioProcessor", "WaveformAudioProcessor", "MotionModel", "BundleMotionModel", "Motion",
            "motion_from_audio", "motion_from_video"]
+
+log = logging.getLogger(__name__)
 
 
 # -- swap point 1: audio processing --------------------------------------------------------------------------------
@@ -63,6 +66,7 @@ class WaveformAudioProcessor:
             samples = samples.mean(axis=1)
         if samples.ndim != 1 or not len(samples):
             raise AniPortraitError(f"audio array has shape {source.shape}; give samples (S,) or (S, channels), S > 0")
+        check_finite(samples, "the audio array", int(sample_rate))
         if sample_rate != SAMPLE_RATE:
             ratio = Fraction(SAMPLE_RATE, int(sample_rate))
             samples = resample_poly(samples, ratio.numerator, ratio.denominator)
@@ -175,6 +179,26 @@ def motion_from_audio(audio_processor: AudioProcessor, motion_model: MotionModel
     return Motion(np.asarray(prediction.meshes[:frames], dtype=np.float32), poses, float(prediction.fps), samples)
 
 
+def faceless_frames(valid: np.ndarray) -> str:
+    """Frames without a face as ranges: "12-30, 45" (frame numbers of the driving video, from 0)."""
+    missing = np.flatnonzero(~np.asarray(valid, dtype=bool))
+    if not len(missing):
+        return ""
+    breaks = np.flatnonzero(np.diff(missing) > 1)
+    starts, ends = np.r_[missing[0], missing[breaks + 1]], np.r_[missing[breaks], missing[-1]]
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts, ends))
+
+
+def _report_faceless_frames(video: str | os.PathLike, valid: np.ndarray, fps: float) -> None:
+    """A driving video that loses the face: which frames, and what was done there (one warning line)."""
+    frames = faceless_frames(valid)
+    if frames:
+        count, total = int((~valid).sum()), len(valid)
+        log.warning("driving video %s: no face in frames %s (%d of %d, first at %.2f s); there the expression and head "
+                    "pose are interpolated between the nearest frames with a face (held before the first and after the "
+                    "last one)", video, frames, count, total, float(np.argmin(valid)) / fps)
+
+
 def motion_from_video(portrait: Portrait, video: str | os.PathLike, options: AnimationOptions,
                       landmarker_model: str | None = None) -> Motion:
     """A driving video's landmarks retargeted onto the portrait; the video's audio (if any) to mux."""
@@ -193,6 +217,7 @@ def motion_from_video(portrait: Portrait, video: str | os.PathLike, options: Ani
     if options.length:  # driving frames the kept output frames need
         needed = math.ceil(int(options.length) * info.fps / float(options.fps or info.fps)) + 1
     driving, source_fps = detect_video_file(video, model_path=landmarker_model, max_frames=needed)
+    _report_faceless_frames(video, driving["valid"], source_fps)
     indices = resampled_indices(len(driving["mesh3d"]), source_fps, options.fps, options.length)
     driving = {key: value[indices] for key, value in driving.items()}
     result = retarget(portrait, driving, pose=modes[options.pose_source], pose_template=options.pose_template,

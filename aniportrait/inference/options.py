@@ -17,9 +17,13 @@ import torch
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait, load_portrait, portrait_from_landmarks_npz
 from aniportrait.pipelines.presets import SAMPLING_PRESETS
+from aniportrait.utils import values
+from aniportrait.utils.outputs import Overwrite, check_outputs
 
 __all__ = ["AnimationOptions", "AnimationResult", "Sampling", "resolve_device", "resolve_dtype", "check_output_path",
-           "load_reference", "video_size", "resampled_indices"]
+           "check_collisions", "load_reference", "video_size", "resampled_indices", "POSE_SOURCES"]
+
+POSE_SOURCES = ("auto", "predicted", "driver", "still", "template")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -75,6 +79,14 @@ def check_output_path(output: str | os.PathLike | None, suffix: str = ".mp4") ->
     return path
 
 
+def check_collisions(outputs: Mapping[str, str | os.PathLike | None], inputs: Mapping[str, Any],
+                     options: AnimationOptions) -> None:
+    """Before any model loads: no output is an input (``output=`` the ``video=``, mode=landmarks' .npz the
+    ``reference=`` landmarks.npz) or another output, and none exists unless ``overwrite=true``."""
+    paths = {key: value for key, value in inputs.items() if isinstance(value, (str, os.PathLike))}
+    check_outputs(outputs, paths, Overwrite(options.overwrite, "overwrite=true"))
+
+
 def load_reference(path: str | os.PathLike, frame: int = 0, size: int = 512, landmarker_model: str | None = None) -> Portrait:
     """A portrait from a clip's landmarks.npz (frame ``frame``) or from an image (landmarks extracted)."""
     path = Path(os.path.expanduser(str(path)))
@@ -113,6 +125,50 @@ class AnimationOptions:
     reference_frame: int = 0  # the frame of a clip's landmarks.npz used as the portrait
     size: int = 512  # mode=landmarks: the pose video's side in pixels
     progress: bool = True  # progress bars and the one-line summary
+    overwrite: bool = False  # replace an output file that exists (never an input); else that is refused
+
+    def __post_init__(self) -> None:
+        """Every value checked (and typed) where it enters: the API, infer.py and each batch row build this."""
+        def optional(key: str, check, *args, **kwargs) -> None:
+            if getattr(self, key) is not None:
+                setattr(self, key, check(key, getattr(self, key), *args, **kwargs))
+
+        for key in ("width", "height"):
+            optional(key, values.integer, minimum=8, hint=" (a multiple of 8), or null: the bundle's")
+            if getattr(self, key) is not None and getattr(self, key) % 8:
+                raise AniPortraitError(f"{key}={getattr(self, key)}: give a multiple of 8 (the VAE's downsampling), "
+                                       "e.g. 512")
+        optional("fps", values.number, minimum=0, maximum=240, exclusive_minimum=True, hint=" (or null: the driver's)")
+        optional("length", values.integer, minimum=1, hint=" frames (or null: all)")
+        optional("steps", values.integer, minimum=1, maximum=1000, hint=" denoising steps (or null: the bundle's)")
+        optional("guidance", values.number, minimum=0, maximum=100, hint=" (1: no guidance; 3.5 official)")
+        self.seed = values.integer("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        if self.context_frames is not None and self.context_frames != "auto":
+            self.context_frames = values.integer("context_frames", self.context_frames, minimum=1, hint=" or auto")
+        optional("context_overlap", values.integer, minimum=0)
+        if isinstance(self.context_frames, int) and self.context_overlap is not None \
+                and self.context_overlap >= self.context_frames:
+            raise AniPortraitError(f"context_overlap={self.context_overlap}: give fewer frames than "
+                                   f"context_frames={self.context_frames}")
+        if self.sampling is not None:
+            self.sampling = values.choice("sampling", self.sampling, SAMPLING_PRESETS)
+        self.keyframe_interval = values.integer("keyframe_interval", self.keyframe_interval, minimum=1)
+        optional("chunk_frames", values.integer, minimum=1, hint=" (or null: the sampling preset's)")
+        self.chunk_overlap = values.integer("chunk_overlap", self.chunk_overlap, minimum=0)
+        if self.chunk_frames is not None and self.chunk_overlap >= self.chunk_frames:
+            raise AniPortraitError(f"chunk_overlap={self.chunk_overlap}: give fewer frames than "
+                                   f"chunk_frames={self.chunk_frames}")
+        self.pose_source = values.choice("pose_source", self.pose_source, POSE_SOURCES)
+        optional("rotation_scale", values.number, minimum=0, hint=" (0.5 official)")
+        optional("smooth_window", values.integer, minimum=1, hint=" frames (1: no smoothing)")
+        if self.identity is not None and not (isinstance(self.identity, str) and not self.identity.strip().isdigit()):
+            self.identity = values.integer("identity", self.identity, minimum=0, hint=", or a training identity name")
+        self.reference_frame = values.integer("reference_frame", self.reference_frame, minimum=0)
+        self.size = values.integer("size", self.size, minimum=16, maximum=4096)
+        if self.size % 2:
+            raise AniPortraitError(f"size={self.size}: give an even number of pixels (H.264), e.g. 512")
+        self.progress = values.boolean("progress", self.progress)
+        self.overwrite = values.boolean("overwrite", self.overwrite)
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> AnimationOptions:

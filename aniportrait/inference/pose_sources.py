@@ -17,6 +17,7 @@ from aniportrait.face.geometry import project_points
 from aniportrait.face.portrait import Portrait
 from aniportrait.inference.motion import Motion
 from aniportrait.inference.options import AnimationOptions, resampled_indices
+from aniportrait.utils.files import read_arrays
 
 __all__ = ["PoseFrames", "MeshPoseFrames", "LandmarkPoseFrames", "VideoPoseFrames", "KeyframePoseImages",
            "draw_pose_images", "pose_frames_from_file"]
@@ -117,11 +118,7 @@ def pose_frames_from_file(path: str | os.PathLike, size: tuple[int, int], option
         indices = resampled_indices(source_frames, info.fps, options.fps, options.length)
         audio = load_audio(path) if info.has_audio else None
         return VideoPoseFrames(path, indices, size), float(options.fps or info.fps), audio
-    try:
-        with np.load(path) as arrays:
-            content = {key: arrays[key] for key in arrays.files}
-    except (OSError, ValueError) as error:
-        raise AniPortraitError(f"cannot read {path} as a .npz file ({error})") from error
+    content = read_arrays(path, "pose input", finite=("landmarks", "lmks", "image_size", "fps"))
     if "landmarks" in content and "image_size" in content:  # mode=landmarks output
         height, width = (int(value) for value in content["image_size"])
         normalized = content["landmarks"][..., :2] / np.array([width, height], dtype=np.float32)

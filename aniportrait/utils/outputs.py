@@ -65,17 +65,18 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
     given_inputs = [(label, Path(path)) for label, path in (inputs or {}).items() if path]
     own = [Path(path) for path in written]
     for index, (label, path) in enumerate(given_outputs):
+        key = label.split(" (")[0]  # "output (its .npz)" is chosen with output=
         for input_label, input_path in given_inputs:
             if same_file(path, input_path):
                 raise AniPortraitError(f"{label}={path} is the same file as the input {input_label}={input_path}; "
-                                       f"writing it would destroy the input: choose another {label}")
+                                       f"writing it would destroy the input: choose another {key}")
         for other_label, other in given_outputs[:index]:
             if same_file(path, other):
                 raise AniPortraitError(f"{label}={path} is the same file as {other_label}={other}; each output "
                                        "needs a file of its own")
         if path.exists() and not overwrite.allowed and not any(same_file(path, mine) for mine in own):
             raise AniPortraitError(f"{label}={path} exists and this command did not write it; add {overwrite.ask} to "
-                                   f"replace it, or choose another {label}")
+                                   f"replace it, or choose another {key}")
 
 
 def check_output_dir(path: PathLike, inputs: Mapping[str, PathLike | None], overwrite: Overwrite,
