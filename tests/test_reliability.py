@@ -15,6 +15,7 @@ rule applies to:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -393,3 +394,156 @@ def test_interrupt_message_and_status_name_what_was_kept():
     assert message(error, kept="default", resume="rerun python infer.py x=1") == (
         "interrupted by SIGTERM: kept out/a.mp4 (1 of 3 jobs); to resume: rerun python infer.py x=1")
     assert "\n" not in message(Interrupted("SIGINT"), "nothing", "rerun")
+
+
+# -- the same rules in inference (the API, infer.py, batch rows) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_files(tiny_dataset) -> dict[str, Path]:
+    clip = tiny_dataset / "clips" / Manifest.load(tiny_dataset).split("test")[0].id
+    return {"landmarks": clip / "landmarks.npz", "audio": clip / "audio.wav", "video": clip / "video.mp4"}
+
+
+@pytest.fixture(scope="module")
+def ap(tiny_bundle):
+    from aniportrait.api import AniPortrait
+
+    return AniPortrait.from_pretrained(tiny_bundle, device="cpu")
+
+
+def test_inference_never_destroys_an_input_or_a_file_it_did_not_write(ap, clip_files, tmp_path, env):
+    user_file = tmp_path / "mine.mp4"
+    user_file.write_bytes(b"my own video")
+    copy = tmp_path / "clip"
+    copy.mkdir()
+    for path in clip_files.values():
+        (copy / path.name).write_bytes(path.read_bytes())
+    lmks, audio, video = copy / "landmarks.npz", copy / "audio.wav", copy / "video.mp4"
+    cases = [  # (method, arguments, what the error names)
+        (ap.animate_from_video, {"image_path": lmks, "video_path": video, "output_path": video}, f"input video={video}"),
+        (ap.animate, {"image_path": lmks, "audio_path": video, "output_path": video}, f"input audio={video}"),
+        (ap.landmarks, {"image_path": lmks, "audio_path": audio, "output_path": copy / "landmarks.mp4"},
+         f"output (its .npz)={lmks} is the same file as the input reference={lmks}"),
+        (ap.landmarks, {"image_path": lmks, "audio_path": audio, "output_path": user_file},
+         f"output={user_file} exists and this command did not write it; add overwrite=true"),
+        (ap.landmarks, {"image_path": lmks, "audio_path": audio, "output_path": copy / "landmarks.mp4", "overwrite": True},
+         "writing it would destroy the input"),  # asking to overwrite never covers an input
+    ]
+    before = _snapshot(tmp_path)
+    for method, arguments, named in cases:
+        with pytest.raises(AniPortraitError) as error:
+            method(**arguments, progress=False)
+        assert named in str(error.value), (named, str(error.value))
+    assert _snapshot(tmp_path) == before and ap._motion_model is None and ap._pipeline is None  # no model loaded
+    done = ap.landmarks(image_path=lmks, audio_path=audio, output_path=user_file, overwrite=True, progress=False, length=3)
+    assert done.frames == 3 and user_file.read_bytes() != b"my own video"
+
+    # infer.py: the clip's own landmarks.npz as reference, output beside it (issue 13's example 3)
+    result = run_cli("infer.py", "mode=landmarks", f"bundle={ap.bundle.path}", f"reference={lmks}", f"audio={audio}",
+                     f"output={copy / 'landmarks.mp4'}", env=env)
+    assert result.returncode == 2 and f"is the same file as the input reference={lmks}" in _error_line(result.stderr)
+    assert _snapshot(copy) == {key: value for key, value in before.items() if key.startswith(str(copy))}
+
+
+def test_batch_rows_naming_the_same_output_are_refused_before_any_job_runs(ap, clip_files, tmp_path):
+    from aniportrait.inference import read_manifest
+
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("image,audio,output,mode\n"
+                        f"{clip_files['landmarks']},{clip_files['audio']},out/a.mp4,landmarks\n"
+                        f"{clip_files['landmarks']},{clip_files['audio']},out/b.mp4,landmarks\n"
+                        f"{clip_files['landmarks']},{clip_files['audio']},out/a.mp4,landmarks\n")
+    with pytest.raises(AniPortraitError, match=rf"line 4: output={tmp_path / 'out' / 'a.mp4'} is the same file as "
+                                               rf".*line 2: output="):
+        read_manifest(manifest)
+    jobs = [{"image_path": clip_files["landmarks"], "audio_path": clip_files["audio"], "mode": "landmarks",
+             "output_path": tmp_path / name} for name in ("x.mp4", "x.mp4")]
+    with pytest.raises(AniPortraitError, match="job 2: output=.*x.mp4 is the same file as job 1: output="):
+        ap.animate_batch(jobs, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.mp4").exists()
+
+
+def test_inference_values_are_checked_where_they_enter(ap, clip_files, tmp_path, env):
+    from aniportrait.inference import AnimationOptions, read_manifest
+
+    cases = [({"steps": 0}, "steps=0: give a whole number >= 1 and <= 1000"), ({"steps": -3}, "steps=-3"),
+             ({"steps": "abc"}, "steps='abc'"), ({"fps": -30}, "fps=-30: give a number > 0"), ({"fps": 0}, "fps=0"),
+             ({"guidance": -1}, "guidance=-1: give a number >= 0"), ({"length": 0}, "length=0"),
+             ({"width": 500}, "width=500: give a multiple of 8"), ({"seed": -1}, "seed=-1"),
+             ({"chunk_frames": 8, "chunk_overlap": 8}, "chunk_overlap=8"), ({"keyframe_interval": 0}, "keyframe_interval=0"),
+             ({"pose_source": "sideways"}, "pose_source='sideways': choose one of auto, predicted"),
+             ({"size": 7}, "size=7"), ({"progress": "maybe"}, "progress='maybe': give true or false")]
+    for options, message in cases:
+        with pytest.raises(AniPortraitError) as error:
+            AnimationOptions.from_kwargs(**options)
+        assert message in str(error.value), (options, str(error.value))
+    fresh = type(ap).from_pretrained(ap.bundle.path, device="cpu")
+    with pytest.raises(AniPortraitError, match=r"identity=500: give a whole number >= 0 and <= 99"):
+        fresh.landmarks(image_path=clip_files["landmarks"], audio_path=clip_files["audio"],
+                        output_path=tmp_path / "i.mp4", identity=500)
+    assert fresh._motion_model is None  # refused before the models load
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"image": str(clip_files["landmarks"]), "audio": str(clip_files["audio"]),
+                                    "output": "o.mp4", "steps": 0}) + "\n")
+    with pytest.raises(AniPortraitError, match=r"jobs.jsonl line 1: steps=0"):
+        read_manifest(manifest)
+    result = run_cli("infer.py", "mode=audio", f"bundle={ap.bundle.path}", f"reference={clip_files['landmarks']}",
+                     f"audio={clip_files['audio']}", f"output={tmp_path / 'x.mp4'}", "steps=abc", env=env)
+    assert result.returncode == 2 and "steps='abc': give a whole number >= 1" in _error_line(result.stderr)
+
+
+def test_inference_files_are_checked_when_opened(ap, clip_files, tmp_path):
+    from aniportrait.inference import AnimationOptions, WaveformAudioProcessor, pose_frames_from_file
+
+    data = clip_files["landmarks"].read_bytes()
+    (tmp_path / "poses.npz").write_bytes(data[: len(data) // 3])
+    with pytest.raises(AniPortraitError, match=r"cannot read pose input .*poses.npz .*truncated or corrupt"):
+        pose_frames_from_file(tmp_path / "poses.npz", (64, 64), AnimationOptions(), 30.0)
+    samples = np.zeros(1600, np.float32)
+    samples[400] = np.inf
+    with pytest.raises(AniPortraitError, match=r"the audio array holds 1 NaN or infinite samples \(the first at 0.025 s\)"):
+        WaveformAudioProcessor().process(samples)
+
+
+def test_a_driving_video_that_loses_the_face_says_where_and_what_was_done(clip_files, tmp_path, caplog):
+    from conftest import shared_path
+
+    from aniportrait.data.video import probe_video, read_video, write_video
+    from aniportrait.inference import AnimationOptions, load_reference, motion_from_video
+
+    model = shared_path("samples", "models", "face_landmarker_v2_with_blendshapes.task")
+    source = shared_path("samples", "video", "liveportrait_d9_10s.mp4")
+    frames = read_video(source, list(range(16)), size=(256, 256)).copy()
+    frames[6:10] = 0  # the face leaves for four frames
+    write_video(tmp_path / "driver.mp4", frames, probe_video(source).fps)
+    portrait = load_reference(clip_files["landmarks"])
+    with caplog.at_level("WARNING"):
+        motion = motion_from_video(portrait, tmp_path / "driver.mp4", AnimationOptions(), str(model))
+    assert len(motion.meshes) == 16 and np.isfinite(motion.meshes).all()
+    assert "no face in frames 6-9 (4 of 16" in caplog.text and "interpolated between the nearest frames" in caplog.text
+
+
+def test_an_interrupted_batch_says_what_it_finished(ap, clip_files, tmp_path):
+    calls = []
+
+    def landmarks(**arguments):
+        calls.append(arguments["output_path"])
+        if len(calls) == 2:
+            raise Interrupted("SIGTERM")
+        return AnimationResultStub(arguments["output_path"])
+
+    class AnimationResultStub:
+        def __init__(self, output):
+            self.output = output
+
+    jobs = [{"image_path": clip_files["landmarks"], "audio_path": clip_files["audio"], "mode": "landmarks",
+             "output_path": tmp_path / f"{name}.mp4"} for name in ("a", "b", "c")]
+    ap.landmarks = landmarks  # the method a landmarks job runs, as an interrupted job would end
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            ap.animate_batch(jobs, progress=False)
+    finally:
+        del ap.landmarks
+    assert stopped.value.kept.startswith("1 outputs finished in this run, 1 of 3 jobs handled")
+    assert stopped.value.resume == "rerun the same command: finished outputs are skipped" and len(calls) == 2
