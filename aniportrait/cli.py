@@ -166,10 +166,18 @@ def run_hydra(config_name: str, task: Callable, argv: list[str] | None = None, k
             _check_overrides(conf, config_name, overrides)
 
             def guarded(cfg):
+                from hydra.errors import InstantiationException
+
                 try:
                     return task(cfg)
                 except AniPortraitError as error:
                     _fail(str(error))
+                except InstantiationException as error:  # a constructor refused a config value
+                    cause = error.__cause__
+                    if isinstance(cause, AniPortraitError):
+                        _fail(str(cause))
+                    _fail(f"config error: {' '.join(str(error).split())} — check that key against "
+                          f"`python {config_name}.py --cfg job`")
 
             sys.argv = [sys.argv[0], *overrides]
             return hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(guarded)()

@@ -31,7 +31,10 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise AniPortraitError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise AniPortraitError(f"device={name!r}: use auto, cpu, cuda or cuda:N ({error})") from error
 
 
 PROJECT_CHUNK_FRAMES = 120  # the project preset's frames per pipeline call (stream.chunk_frames)

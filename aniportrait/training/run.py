@@ -115,6 +115,15 @@ def _check_trainer(trainer_cfg: DictConfig) -> None:
         values.number("trainer.gradient_clip_val", trainer_cfg.gradient_clip_val, minimum=0)
 
 
+def _check_loader(name: str, loader: DictConfig | None) -> None:
+    """The counts of a stage's datamodule (batch sizes, workers, windows), checked before anything is built."""
+    prefix = "model.loader" if name == "model" else f"model.stages.{name}.loader"
+    for key, minimum in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0), ("samples_per_epoch", 1),
+                         ("window_frames", 1), ("eval_window_frames", 1), ("n_sample_frames", 1)):
+        if loader is not None and loader.get(key) is not None:
+            values.integer(f"{prefix}.{key}", loader[key], minimum=minimum)
+
+
 def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
     checkpoint = trainer.checkpoint_callback
     return Path(checkpoint.dirpath) / "last.ckpt" if checkpoint is not None and checkpoint.dirpath else None
@@ -214,16 +223,18 @@ def _check_run_folder(cfg: DictConfig, output_dir: Path, multi: bool) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
     """Fit the configured stage(s); returns (final validation metrics, bundle path or None)."""
-    pl.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision("high")
     output_dir = Path(cfg.paths.output_dir)
     stages = _stages(cfg)
     multi = len(stages) > 1 or "stages" in cfg.model
     _check_run_folder(cfg, output_dir, multi)
-    for stage_cfg in stages.values():
+    values.integer("seed", cfg.seed, minimum=0, maximum=2**32 - 1)
+    for name, stage_cfg in stages.items():
         _check_trainer(_stage_trainer(cfg, stage_cfg))
+        _check_loader(name, stage_cfg.get("loader"))
     if cfg.get("ckpt_path"):
         read_training_checkpoint(cfg.ckpt_path)  # a missing or truncated checkpoint is one error, before any work
+    pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
 

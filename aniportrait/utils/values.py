@@ -17,9 +17,13 @@ from aniportrait.errors import AniPortraitError
 __all__ = ["integer", "number", "choice", "boolean"]
 
 
+def _show(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 def _range(minimum: float | None, maximum: float | None, exclusive_minimum: bool = False) -> str:
-    low = None if minimum is None else f"{'>' if exclusive_minimum else '>='} {minimum:g}"
-    high = None if maximum is None else f"<= {maximum:g}"
+    low = None if minimum is None else f"{'>' if exclusive_minimum else '>='} {_show(minimum)}"
+    high = None if maximum is None else f"<= {_show(maximum)}"
     if low and high:
         return f"{low} and {high}"
     return low or high or "a finite value"
