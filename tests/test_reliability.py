@@ -228,7 +228,8 @@ def _manifest_entry(**change) -> dict:
 
 def test_every_value_is_checked_where_it_enters():
     from aniportrait.evaluation import _check_settings
-    from aniportrait.training.run import _check_trainer
+    from aniportrait.inference import resolve_device
+    from aniportrait.training.run import _check_loader, _check_trainer
 
     cases = [
         (lambda: _check_trainer(OmegaConf.create({"max_steps": "abc"})), "trainer.max_steps='abc': give a whole number >= -1"),
@@ -241,6 +242,9 @@ def test_every_value_is_checked_where_it_enters():
         (lambda: _check_settings(OmegaConf.create({"num_workers": -1}), {}), "num_workers=-1: give a whole number >= 0"),
         (lambda: _check_settings(OmegaConf.create({}), {"frames_per_clip": 0}), "protocol.frames_per_clip=0"),
         (lambda: _check_settings(OmegaConf.create({}), {"fps": 0}), "protocol.fps=0: give a number > 0"),
+        (lambda: _check_loader("audio", OmegaConf.create({"batch_size": 0})),
+         "model.stages.audio.loader.batch_size=0: give a whole number >= 1"),
+        (lambda: resolve_device("tpu"), "device='tpu': use auto, cpu, cuda or cuda:N"),
     ]
     for call, message in cases:
         with pytest.raises(AniPortraitError) as error:
@@ -253,6 +257,9 @@ def test_a_bad_value_on_the_command_line_is_one_error_before_any_work(env):
     assert result.returncode == 2
     assert "trainer.max_steps='abc': give a whole number >= -1" in _error_line(result.stderr)
     assert "training stage" not in result.stdout + result.stderr
+    # a value only the library behind a config group knows is wrong: its own reason, still one line
+    result = run_cli("train.py", "model=audio", "trainer.precision=abc", "data=synthetic_tiny", env=env)
+    assert result.returncode == 2 and "Precision 'abc' is invalid" in _error_line(result.stderr)
 
 
 # -- rule 3: files are checked when they are opened ----------------------------------------------------------------
