@@ -140,12 +140,12 @@ def test_sigterm_mid_write_leaves_no_temporary_file_and_the_next_run_removes_a_k
     alive.write_bytes(b"in progress")
     user_file = target.parent / ".video.12.notes.tmp.txt"  # not our naming: never touched
     user_file.write_bytes(b"mine")
+    from aniportrait.data.video import probe_video, write_video
     from aniportrait.utils import atomic
 
     atomic._cleaned.discard(target.parent.resolve())
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(b"a whole video")
-    assert target.read_bytes() == b"a whole video"
+    write_video(target, np.zeros((3, 16, 16, 3), np.uint8), 30.0)  # the next write into the folder sweeps it
+    assert probe_video(target).frames == 3
     assert not any(path.exists() for path in left) and alive.exists() and user_file.exists()
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
+import string
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_dir", "remove_stale_temporaries"]
+__all__ = ["atomic_path", "atomic_dir", "temporary_name", "remove_stale_temporaries"]
 
 # mkstemp/mkdtemp draw 8 characters from [a-z0-9_]
 _TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
@@ -65,6 +67,16 @@ def _sweep_once(folder: Path) -> None:
     if key not in _cleaned:
         _cleaned.add(key)
         remove_stale_temporaries(folder)
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A fresh temporary name beside ``path`` in the form the sweep recognises (for writers that create the file
+    themselves, like :class:`~aniportrait.data.video.VideoWriter`); nothing is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(path.parent)
+    token = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    return path.with_name(f".{path.stem}.{os.getpid()}.{token}.tmp{path.suffix}")
 
 
 @contextlib.contextmanager
