@@ -111,7 +111,7 @@ def _resume_overrides(overrides: list[str]) -> list[str]:
     keys = {_key(arg) for arg in overrides}
     replayed = [arg for arg in (yaml.safe_load(saved.read_text()) or [])
                 if _key(arg) not in keys and _key(arg) not in ("resume", "overwrite")]
-    kept = [arg for arg in overrides if _key(arg) != "resume"]
+    kept = [arg for arg in overrides if _key(arg) not in ("resume", "hydra.run.dir")]
     return [*replayed, *kept, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 

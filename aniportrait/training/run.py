@@ -215,6 +215,8 @@ def _check_run_folder(cfg: DictConfig, output_dir: Path, multi: bool) -> None:
             raise AniPortraitError(f"the run in {output_dir} has finished (it holds bundle/): nothing to resume; add "
                                    "overwrite=true to train its stages on and export the bundle again")
         return
+    if pl.utilities.rank_zero.rank_zero_only.rank != 0:  # DDP's other processes share rank 0's run folder
+        return
     taken = [path for path in (output_dir / "bundle", output_dir / "checkpoints") if path.exists()]
     if taken and not cfg.get("overwrite"):
         raise AniPortraitError(f"{output_dir} already holds {taken[0].name}/ of another run; continue it with "
