@@ -27,25 +27,30 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aniportrait.audio.io import SAMPLE_RATE, frame_count, load_audio
+from aniportrait.audio.io import load_audio
 from aniportrait.bundle import BUNDLE_FILE, OFFICIAL_FILES, OFFICIAL_HUB_REPO, Bundle, import_official
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait
 from aniportrait.inference import (
     AnimationOptions,
     AnimationResult,
+    AudioProcessor,
     BatchJobResult,
+    BundleMotionModel,
     MeshPoseFrames,
+    MotionModel,
+    ProcessedAudio,
+    WaveformAudioProcessor,
     batch_summary,
+    check_batch_outputs,
+    check_collisions,
     check_output_path,
     generate_video,
     load_reference,
@@ -58,7 +63,8 @@ from aniportrait.inference import (
     video_size,
     write_landmark_outputs,
 )
-from aniportrait.pipelines.landmarks import AudioToLandmarks, LandmarkPrediction
+from aniportrait.pipelines.landmarks import LandmarkPrediction, resolve_identity
+from aniportrait.utils.signals import Interrupted
 
 if TYPE_CHECKING:
     from aniportrait.pipelines.pose2video import Pose2VideoPipeline
@@ -69,105 +75,6 @@ __all__ = ["AniPortrait", "AudioProcessor", "MotionModel", "ProcessedAudio", "Wa
 log = logging.getLogger(__name__)
 
 _VIDEO_COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
-
-
-# -- swap point 1: audio processing --------------------------------------------------------------------------------
-
-
-@dataclass
-class ProcessedAudio:
-    """What an audio processor hands the motion model."""
-
-    samples: np.ndarray  # (S,) float32 mono at 16 kHz: the frame count's clock and the audio muxed into the output
-    features: dict[str, Any] = field(default_factory=dict)  # anything else a custom motion model consumes
-
-
-@runtime_checkable
-class AudioProcessor(Protocol):
-    """Raw speech -> :class:`ProcessedAudio`. Swap it to clean, trim or re-level speech, or to compute features
-    for a custom motion model; the default motion model encodes ``samples`` with its own wav2vec2."""
-
-    def process(self, source: str | os.PathLike | np.ndarray, sample_rate: int = SAMPLE_RATE) -> ProcessedAudio:
-        """source: an audio (or video) file, or samples (S,) / (S, channels) at ``sample_rate``."""
-        ...
-
-
-class WaveformAudioProcessor:
-    """The default: any file FFmpeg reads, or an array, as 16 kHz mono float32 (no features)."""
-
-    def process(self, source: str | os.PathLike | np.ndarray, sample_rate: int = SAMPLE_RATE) -> ProcessedAudio:
-        if not isinstance(source, np.ndarray):
-            return ProcessedAudio(load_audio(source))
-        from scipy.signal import resample_poly
-
-        samples = np.asarray(source, dtype=np.float64)
-        if samples.ndim == 2:
-            samples = samples.mean(axis=1)
-        if samples.ndim != 1 or not len(samples):
-            raise AniPortraitError(f"audio array has shape {source.shape}; give samples (S,) or (S, channels), S > 0")
-        if sample_rate != SAMPLE_RATE:
-            ratio = Fraction(SAMPLE_RATE, int(sample_rate))
-            samples = resample_poly(samples, ratio.numerator, ratio.denominator)
-        return ProcessedAudio(np.clip(samples, -1.0, 1.0).astype(np.float32))
-
-
-# -- swap point 2: the motion model --------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class MotionModel(Protocol):
-    """Speech + portrait -> per-frame canonical face meshes and head poses (stage A).
-
-    ``predict`` returns a :class:`~aniportrait.pipelines.landmarks.LandmarkPrediction`: ``meshes`` (T, 468, 3) in
-    the canonical metric space of ``portrait.mesh3d`` (the portrait's mesh plus the expression), ``poses`` (T, 6)
-    Euler xyz degrees + translation relative to ``portrait.trans_mat`` (zeros: the portrait's own pose), and the
-    ``fps`` of those frames (T should be ceil(duration x fps)). The pose images are these meshes projected with
-    the portrait's camera.
-    """
-
-    fps: float  # frames per second of its output when predict gets no fps
-
-    def predict(self, audio: ProcessedAudio, portrait: Portrait, *, fps: float | None = None,
-                identity: int | str | None = None, pose_overrides: Mapping[str, Any] | None = None) -> LandmarkPrediction:
-        """pose_overrides: ``rotation_scale`` / ``smooth_window`` asked for by the caller (a model may ignore them)."""
-        ...
-
-
-class BundleMotionModel:
-    """The default: the bundle's Audio2Mesh (+ Audio2Pose), chunked for audio of any length."""
-
-    def __init__(self, landmarks: AudioToLandmarks):
-        self.landmarks = landmarks
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, device: str | torch.device = "cpu") -> BundleMotionModel:
-        return cls(AudioToLandmarks.from_bundle(bundle, device))
-
-    @property
-    def fps(self) -> float:
-        return self.landmarks.fps
-
-    def predict(self, audio: ProcessedAudio, portrait: Portrait, *, fps: float | None = None,
-                identity: int | str | None = None, pose_overrides: Mapping[str, Any] | None = None) -> LandmarkPrediction:
-        trained_fps = self.landmarks.fps
-        self.landmarks.fps = float(fps or trained_fps)  # AudioToLandmarks reads its fps for the frame clock
-        try:
-            frames = frame_count(len(audio.samples), self.landmarks.fps)
-            # speech shorter than wav2vec2's receptive field (25 ms) cannot be encoded: pad it with silence
-            samples = np.pad(audio.samples, (0, max(0, self._receptive_field() - len(audio.samples))))
-            prediction = self.landmarks.predict(samples, portrait.mesh3d, identity=identity,
-                                                pose_overrides=dict(pose_overrides or {}))
-        finally:
-            self.landmarks.fps = trained_fps
-        return LandmarkPrediction(prediction.meshes[:frames], prediction.poses[:frames], prediction.fps)
-
-    def _receptive_field(self) -> int:
-        """Samples one output of the wav2vec2 convolution stack sees."""
-        config = self.landmarks.audio2mesh.audio_encoder.config
-        size, step = 1, 1
-        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-            size, step = size + (kernel - 1) * step, step * stride
-        return size
 
 
 # -- default weights -----------------------------------------------------------------------------------------------
@@ -209,10 +116,10 @@ class AniPortrait:
 
     bundle: a bundle folder or :class:`~aniportrait.bundle.Bundle`, opened at once; None: :func:`default_bundle`,
     resolved on first use (driving-video landmarks need no weights, so they never download any). device: "auto"
-    (CUDA if present), "cpu", "cuda:1", ... dtype: stage B's precision, "auto" (bf16 on GPU, fp32 on CPU), "fp32",
-    "bf16" or "fp16"; stage A runs in fp32 as official. backbone: replaces the bundle's ``base_models.video`` (the
-    VAE and image encoder, e.g. local copies). landmarker_model: MediaPipe's face_landmarker .task for image
-    portraits and driving videos.
+    (CUDA if present), "cpu", "cuda:1", ... dtype: stage B's precision, "auto" (GPU: fp16 with the bundle's official
+    preset, else bf16; fp32 on CPU), "fp32", "bf16" or "fp16"; stage A runs in fp32 as official. backbone: replaces
+    the bundle's ``base_models.video`` (the VAE and image encoder, e.g. local copies). landmarker_model: MediaPipe's
+    face_landmarker .task for image portraits and driving videos.
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle | None = None, device: str | torch.device | None = "auto",
@@ -289,7 +196,7 @@ class AniPortrait:
             motion = motion_from_audio(self.audio_processor, self.motion_model, portrait, audio_path, opts)
             return MeshPoseFrames(motion, portrait, size), motion.fps, motion.audio
 
-        return self._animate(image_path, output_path, options, drive)
+        return self._animate(image_path, output_path, options, drive, {"audio": audio_path})
 
     def animate_from_video(self, image_path: str | os.PathLike, video_path: str | os.PathLike,
                            output_path: str | os.PathLike, **options: Any) -> AnimationResult:
@@ -298,7 +205,7 @@ class AniPortrait:
             motion = motion_from_video(portrait, video_path, opts, self.landmarker_model)
             return MeshPoseFrames(motion, portrait, size), motion.fps, motion.audio
 
-        return self._animate(image_path, output_path, options, drive)
+        return self._animate(image_path, output_path, options, drive, {"video": video_path})
 
     def animate_from_landmarks(self, image_path: str | os.PathLike, landmarks_path: str | os.PathLike,
                                output_path: str | os.PathLike, audio_path: str | os.PathLike | None = None,
@@ -310,7 +217,7 @@ class AniPortrait:
                                                        self.bundle.settings.get("video", {}).get("fps") or 30.0)
             return frames, fps, (load_audio(audio_path) if audio_path else audio)
 
-        return self._animate(image_path, output_path, options, drive)
+        return self._animate(image_path, output_path, options, drive, {"landmarks": landmarks_path, "audio": audio_path})
 
     def landmarks(self, image_path: str | os.PathLike, output_path: str | os.PathLike,
                   audio_path: str | os.PathLike | np.ndarray | None = None, video_path: str | os.PathLike | None = None,
@@ -322,6 +229,11 @@ class AniPortrait:
         output = check_output_path(output_path)
         if (audio_path is None) == (video_path is None):
             raise AniPortraitError("landmarks need exactly one driver: audio_path (speech) or video_path (a driving video)")
+        check_collisions({"output": output, "output (its .npz)": output.with_suffix(".npz")},
+                         {"reference": image_path, "audio": audio_path, "video": video_path,
+                          "pose_template": opts.pose_template}, opts)
+        if audio_path is not None:
+            self._check_identity(opts)
         portrait = load_reference(image_path, opts.reference_frame, opts.size, self.landmarker_model)
         if audio_path is not None:
             motion = motion_from_audio(self.audio_processor, self.motion_model, portrait, audio_path, opts)
@@ -342,8 +254,30 @@ class AniPortrait:
             "audio": self.animate, "video": self.animate_from_video, "pose": self.animate_from_landmarks,
             "landmarks": self.landmarks}
         progress = bool(defaults.get("progress", True))
+        jobs = list(jobs)
+        readable = {}  # job number -> normalised job; the others fail below, each with its reason
+        for index, job in enumerate(jobs, 1):
+            try:
+                readable[index] = normalise_job(job)
+            except AniPortraitError:
+                pass
+        check_batch_outputs(list(readable.values()), [f"job {index}" for index in readable])  # before anything runs
         results = []
-        for index, job in enumerate(tqdm(list(jobs), desc="jobs", unit="job", disable=not progress), 1):
+        try:
+            self._run_jobs(jobs, methods, skip_existing, defaults, progress, results)
+        except Interrupted as error:
+            done = sum(result.status == "done" for result in results)
+            raise Interrupted(error.signal_name, kept=f"{done} outputs finished in this run, {len(results)} of "
+                              f"{len(jobs)} jobs handled (job {len(results) + 1}'s partial file removed)",
+                              resume="rerun the same command: finished outputs are skipped") from error
+        if progress:
+            print(batch_summary(results), flush=True)
+        return results
+
+    @staticmethod
+    def _run_jobs(jobs: list[Mapping[str, Any]], methods: Mapping[str, Callable[..., AnimationResult]],
+                  skip_existing: bool, defaults: Mapping[str, Any], progress: bool, results: list) -> None:
+        for index, job in enumerate(tqdm(jobs, desc="jobs", unit="job", disable=not progress), 1):
             output = None
             try:
                 arguments = normalise_job(job)
@@ -359,20 +293,21 @@ class AniPortrait:
                     log.exception("batch job %d (%s) failed", index, output)
                 results.append(BatchJobResult(index, output, "failed", f"{type(error).__name__}: {error}"
                                               if not isinstance(error, AniPortraitError) else str(error)))
-        if progress:
-            print(batch_summary(results), flush=True)
-        return results
 
     # -- shared steps --------------------------------------------------------------------------------------------
 
     def _animate(self, image_path: str | os.PathLike, output_path: str | os.PathLike, options: Mapping[str, Any],
                  drive: Callable[[Portrait, AnimationOptions, tuple[int, int]], tuple[Any, float, np.ndarray | None]],
-                 ) -> AnimationResult:
-        """Check the output and the bundle, load the portrait at the output size, get its pose frames from the driver,
-        then stream stage B to the output."""
+                 inputs: Mapping[str, Any]) -> AnimationResult:
+        """Check the options, the output (against the inputs too) and the bundle, load the portrait at the output size,
+        get its pose frames from the driver, then stream stage B to the output."""
         started = time.perf_counter()
         opts = AnimationOptions.from_kwargs(**options)
         output = check_output_path(output_path)
+        check_collisions({"output": output}, {"reference": image_path, **inputs, "pose_template": opts.pose_template},
+                         opts)
+        if "audio" in inputs and "landmarks" not in inputs:
+            self._check_identity(opts)
         self.bundle.require(*_VIDEO_COMPONENTS, purpose="video generation (stage B)")
         size = video_size(opts, self.bundle.settings.get("video", {}))  # (height, width)
         portrait = load_reference(image_path, opts.reference_frame, max(size), self.landmarker_model)
@@ -381,6 +316,16 @@ class AniPortrait:
             raise AniPortraitError(f"the driver of {output} gives no frames (length={opts.length}); nothing to generate")
         frames = generate_video(self.pipeline, portrait, pose_frames, output, fps, audio, opts)
         return self._finish(output, frames, fps, started, opts)
+
+    def _check_identity(self, opts: AnimationOptions) -> None:
+        """identity= against the bundle's Audio2Pose (its identity count and names) before any model loads; a swapped
+        in motion model interprets identities itself."""
+        if opts.identity is None or not isinstance(self._motion_model, (BundleMotionModel, type(None))):
+            return
+        entry = self.bundle.components.get("audio2pose")
+        if entry is not None:
+            resolve_identity(opts.identity, self.bundle.settings.get("audio", {}).get("pose", {}),
+                             int(entry.get("config", {}).get("num_identities", 100)))
 
     def _finish(self, output: Path, frames: int, fps: float, started: float, opts: AnimationOptions) -> AnimationResult:
         result = AnimationResult(output, frames, fps, time.perf_counter() - started, str(self.device))

@@ -6,12 +6,14 @@
 <bundle>/<component>.safetensors one file per component, in the OFFICIAL key layout
 ```
 A bundle may hold stage A only, stage B only, or both. Writes are atomic (a temporary folder renamed
-into place). Loading is strict: missing or unexpected keys are reported, never silently dropped.
+into place) and never replace what the user did not ask to replace: an existing bundle only with ``--force``
+(``overwrite=True``), a folder of other files never, a folder holding an input (``OUT == DIR``) never.
+Loading is strict: missing or unexpected keys are reported, never silently dropped.
 
 Command line::
 
-    python -m aniportrait.bundle export CKPT OUT            # any Lightning checkpoint of ours -> bundle
-    python -m aniportrait.bundle import-official DIR OUT    # the official release files -> bundle
+    python -m aniportrait.bundle export CKPT OUT [--force]            # a Lightning checkpoint of ours -> bundle
+    python -m aniportrait.bundle import-official DIR OUT [--force]   # the official release files -> bundle
     python -m aniportrait.bundle info BUNDLE                # what a bundle holds
 
 ``import-official`` reads whichever of the official ``audio2mesh.pt``, ``audio2pose.pt``, ``reference_unet.pth``,
@@ -25,7 +27,6 @@ weights are inside the audio checkpoints). A component entry may also point at a
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import importlib
 import json
@@ -45,8 +46,10 @@ from safetensors.torch import save_file
 
 from aniportrait.errors import AniPortraitError
 from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpoint
+from aniportrait.models.schedulers import INFERENCE_V2_SCHEDULER
 from aniportrait.models.wav2vec2 import BASE_960H_CONFIG, upgrade_weight_norm_keys
 from aniportrait.utils.atomic import atomic_dir
+from aniportrait.utils.outputs import Overwrite, check_output_dir
 
 __all__ = ["Bundle", "export_bundle", "import_official", "OfficialImport", "component_architecture", "load_vae",
            "official_settings", "load_component_weights", "BUNDLE_FILE", "FORMAT_VERSION", "OFFICIAL_FILES",
@@ -142,13 +145,15 @@ def export_bundle(
     base_models: dict | None = None,
     provenance: dict | None = None,
     state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a bundle. ``components`` maps a component name to a ConfigMixin model whose state dict is
     in the official layout; ``state_dicts`` may override what is saved for a component (e.g. only the
-    motion-module keys of a UNet3D for ``motion_module``)."""
-    out_dir = Path(out_dir)
+    motion-module keys of a UNet3D for ``motion_module``). An existing bundle at ``out_dir`` is replaced only
+    with ``overwrite=True``; a non-empty folder that is not a bundle never."""
+    out_dir = check_output_dir(out_dir, {}, Overwrite(overwrite, "overwrite=True"), "bundle", BUNDLE_FILE)
     state_dicts = state_dicts or {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=out_dir.exists()) as tmp:
         entries = {name: _write_component(tmp, name, module, state_dicts.get(name) or module.state_dict())
                    for name, module in components.items()}
         _write_manifest(tmp, entries, settings, base_models, provenance)
@@ -294,8 +299,6 @@ OFFICIAL_SD15_UNET_CONFIG: dict[str, Any] = {
 
 def official_settings(stage_a: bool, stage_b: bool) -> dict[str, Any]:
     """What the official scripts do at inference, as bundle settings."""
-    from aniportrait.pipelines.pose2video import INFERENCE_V2_SCHEDULER  # pipelines build on this module
-
     settings: dict[str, Any] = {}
     if stage_a:
         settings["audio"] = {
@@ -317,6 +320,7 @@ def official_settings(stage_a: bool, stage_b: bool) -> dict[str, Any]:
             "height": 512,
             "fps": 30.0,
             "pose_scaling": "official_inference",  # see aniportrait.models.pose_image_scaling
+            "sampling": "official",  # the official pipeline's frames (aniportrait.pipelines.presets)
             "scheduler": dict(INFERENCE_V2_SCHEDULER),
             "num_inference_steps": 25,
             "guidance_scale": 3.5,
@@ -398,6 +402,7 @@ def import_official(
     base_models: Mapping[str, Any] | None = None,
     architecture: str | os.PathLike | Bundle | Mapping[str, torch.nn.Module] | None = None,
     link: bool = False,
+    overwrite: bool = False,
 ) -> OfficialImport:
     """Build a bundle from official release files in ``source_dir`` (any subset of :data:`OFFICIAL_FILES`).
 
@@ -410,6 +415,7 @@ def import_official(
     modules by component name, whose classes and configs to use instead of the official ones (fine-tuned variants,
     tiny test weights); components it does not name keep the official architecture. link: point the bundle at the
     release files in place instead of writing ``.safetensors`` copies (no second copy of ~10 GB; they must stay put).
+    overwrite: replace an existing bundle at ``out_dir`` (never a folder holding the release files or other files).
     """
     source_dir, out_dir = Path(source_dir).expanduser(), Path(out_dir).expanduser()
     if not source_dir.is_dir():
@@ -424,11 +430,15 @@ def import_official(
             found.keys() >= {"reference_unet", "denoising_unet", "pose_guider"}):
         log.warning("%s: stage B needs reference_unet.pth, denoising_unet.pth and pose_guider.pth together; "
                     "video generation will refuse this bundle", source_dir)
+    inputs = {"DIR": source_dir, **{f"DIR/{file.name}": file.resolve() for file in found.values()}}
+    if isinstance(architecture, (str, os.PathLike)):
+        inputs["--architecture-from"] = Path(architecture)
+    out_dir = check_output_dir(out_dir, inputs, Overwrite(overwrite, "--force"), "bundle", BUNDLE_FILE)
     if architecture is not None and not isinstance(architecture, (Bundle, Mapping)):
         architecture = Bundle.open(architecture)
     table = _architecture_table(architecture)
     entries = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=out_dir.exists()) as tmp:
         for name, file in found.items():
             state = upgrade_weight_norm_keys(read_checkpoint(file))
             module = component_architecture(name, table)
@@ -452,56 +462,7 @@ def import_official(
     return OfficialImport(out_dir, found, missing)
 
 
-def _export_from_checkpoint(checkpoint_path: Path, out_dir: Path) -> Path:
-    from aniportrait.training.export import export_from_lightning_checkpoint
+if __name__ == "__main__":  # the command line lives with the other entry points, above every library module
+    from aniportrait.cli import bundle as bundle_command
 
-    return export_from_lightning_checkpoint(checkpoint_path, out_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aniportrait.bundle", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="Lightning checkpoint -> bundle")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("out", type=Path)
-    official = commands.add_parser("import-official", help="official release files (.pt/.pth) -> bundle")
-    official.add_argument("source", type=Path, help="folder with any of " + ", ".join(OFFICIAL_FILES.values()))
-    official.add_argument("out", type=Path)
-    official.add_argument("--base-model", help=f"SD-1.5: a local folder or hub id (default {OFFICIAL_BASE_MODELS['base_model']})")
-    official.add_argument("--vae", help=f"the VAE: a local folder or hub id (default {OFFICIAL_BASE_MODELS['vae']})")
-    official.add_argument("--image-encoder", help="the CLIP image encoder, at its root or in image_encoder/ (default "
-                                                  f"{OFFICIAL_BASE_MODELS['image_encoder']})")
-    official.add_argument("--architecture-from", type=Path, default=None,
-                          help="a bundle whose component classes and configs to use instead of the official ones")
-    official.add_argument("--link", action="store_true",
-                          help="refer to the release files in place instead of copying them into the bundle")
-    info = commands.add_parser("info", help="print what a bundle holds")
-    info.add_argument("bundle", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            path = _export_from_checkpoint(args.checkpoint, args.out)
-            print(f"bundle: {path}")
-        elif args.command == "import-official":
-            given = {"base_model": args.base_model, "vae": args.vae, "image_encoder": args.image_encoder}
-            base_models = {**OFFICIAL_BASE_MODELS, **{k: v for k, v in given.items() if v}} if any(given.values()) else None
-            result = import_official(args.source, args.out, base_models=base_models,
-                                     architecture=args.architecture_from, link=args.link)
-            print("found: " + ", ".join(f"{OFFICIAL_FILES[name]} -> {name}" for name in result.found))
-            if result.missing:
-                print("not found (the bundle lacks them): " + ", ".join(OFFICIAL_FILES[name] for name in result.missing))
-            print(f"bundle: {result.path}")
-        elif args.command == "info":
-            bundle = Bundle.open(args.bundle)
-            print(yaml.safe_dump({k: v for k, v in bundle.document.items() if k != "components"}, sort_keys=False))
-            for name, entry in bundle.components.items():
-                print(f"{name}: {entry['class']} ({entry.get('num_tensors', '?')} tensors)")
-    except AniPortraitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bundle_command())

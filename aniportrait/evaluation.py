@@ -59,7 +59,9 @@ from aniportrait.metrics.suite import (
 )
 from aniportrait.metrics.sync import resample_indices
 from aniportrait.pipelines.landmarks import AudioToLandmarks, render_pose_images
+from aniportrait.utils import values as check
 from aniportrait.utils.atomic import atomic_path
+from aniportrait.utils.outputs import Overwrite, check_outputs
 
 __all__ = [
     "evaluate",
@@ -334,16 +336,23 @@ def evaluate_videos(root: Path, records: list[ClipRecord], generated_for: Callab
     timing = {"total_s": time.perf_counter() - started, "waiting_for_clips_s": waiting,
               "frechet_distances_s": time.perf_counter() - summary_started,
               "per_metric_s": dict(suite.timings), "workers": num_workers}
-    return {
+    results = {
         "metrics": summary,
         "unavailable": suite.reasons(),
         "clips": rows,
         "scored": [row["clip"] for row in generated_rows if row["status"] == "ok"],
         "missing": [row["clip"] for row in generated_rows if row["status"] == "missing"],
         "unreadable": {row["clip"]: row["status"] for row in generated_rows if row["status"] not in ("ok", "missing")},
+        "left_out": {metric: dict(clips) for metric, clips in suite.left_out.items() if clips},
         "fvd_windows": suite.fvd_windows,
         "timing": timing,
     }
+    if not results["scored"]:
+        reasons = "; ".join(f"{row['clip']}: {row['status']}" for row in generated_rows[:5])
+        more = f" (and {len(generated_rows) - 5} more)" if len(generated_rows) > 5 else ""
+        raise AniPortraitError(f"nothing could be scored: none of the {len(records)} clips has a usable generated "
+                               f"video ({reasons}{more}); give videos named <clip id>.mp4 that decode")
+    return results
 
 
 # -- outputs ----------------------------------------------------------------------------------------------
@@ -377,7 +386,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         summary += f", {len(results['missing'])} missing ({', '.join(results['missing'])})"
     if results["unreadable"]:
         summary += f", {len(results['unreadable'])} unreadable ({', '.join(results['unreadable'])})"
-    lines.append(summary)
+    lines.append(summary + " (every row covers the scored clips only)")
+    scored = set(results["scored"])
+    for name, clips in results.get("left_out", {}).items():
+        among = {clip: why for clip, why in clips.items() if clip in scored}
+        if among and name in metric_names and name not in results["unavailable"]:
+            shown = "; ".join(f"{clip}: {why}" for clip, why in list(among.items())[:3])
+            lines.append(f"{name}: {len(among)} of {len(scored)} scored clips in no row's average ({shown}"
+                         f"{' ...' if len(among) > 3 else ''})")
     return "\n".join(lines)
 
 
@@ -562,6 +578,16 @@ def _records(root: Path, split: str) -> list[ClipRecord]:
     return records
 
 
+def _check_generated_names(generated_dir: Path, records: list[ClipRecord]) -> None:
+    """Before any metric network loads: the folder must hold a video for at least one selected clip."""
+    if any((generated_dir / f"{record.id}.mp4").is_file() for record in records):
+        return
+    present = sorted(path.name for path in generated_dir.iterdir())[:5]
+    raise AniPortraitError(f"generated={generated_dir} holds no video of the {len(records)} selected clips (expected "
+                           f"names like {records[0].id}.mp4; the folder has {', '.join(present) or 'nothing'}); "
+                           "name each video <clip id>.mp4, or choose the split= the videos were made for")
+
+
 def _run_video_benchmark(cfg: DictConfig, root: Path, device: torch.device, generated_dir: Path, mode: str,
                          records: list[ClipRecord], protocol: dict, **provenance: str) -> dict[str, Any]:
     metrics_cfg = OmegaConf.to_container(cfg.metrics, resolve=True)
@@ -572,9 +598,10 @@ def _run_video_benchmark(cfg: DictConfig, root: Path, device: torch.device, gene
         **protocol, "mode": mode, "split": cfg.split, "dataset": str(root), "generated_dir": str(generated_dir),
         "clips_selected": [record.id for record in records], "alignment_rule": ALIGNMENT_RULE,
         "aggregation": "per-frame metrics: mean over all scored frames; LSE-D/C, AV offset: mean over clips; "
-                       "FID: all scored frames (every fid.frame_stride-th) pooled; FVD: all windows pooled; the "
-                       "ground-truth set of FID/FVD and the sanity rows cover every selected clip with a readable "
-                       "ground truth, also those whose generated video is missing or unreadable",
+                       "FID: all scored frames (every fid.frame_stride-th) pooled; FVD: all windows pooled; every "
+                       "row (the ground-truth set of FID/FVD too) covers the same clips: those whose generated "
+                       "video could be scored, and per metric those where every row has the metric ('left_out' "
+                       "says which clips were left out of which metric, and why)",
         "versions": suite.versions(), "metrics_config": metrics_cfg, "device": str(device), "git_sha": git_sha(),
         **provenance,
     }
@@ -585,17 +612,40 @@ def _run_video_benchmark(cfg: DictConfig, root: Path, device: torch.device, gene
     return results
 
 
+def _check_settings(cfg: DictConfig, protocol: dict) -> None:
+    """The numbers of the protocol and the run, checked before any clip or network is loaded."""
+    check.integer("num_workers", cfg.get("num_workers", 0), minimum=0)
+    for key, minimum in (("clips", 1), ("frames_per_clip", 1), ("resolution", 8)):
+        if protocol.get(key) is not None:
+            check.integer(f"protocol.{key}", protocol[key], minimum=minimum, hint=" (or null: all)")
+    if protocol.get("fps") is not None:
+        check.number("protocol.fps", protocol["fps"], minimum=0, exclusive_minimum=True, hint=" (or null)")
+    check.integer("protocol.reference_frame", protocol.get("reference_frame", 0), minimum=0)
+    for section, key in (("fid", "frame_stride"), ("fvd", "clip_frames"), ("fvd", "frame_stride"),
+                         ("fvd", "clips_per_video")):
+        if key in protocol.get(section, {}):
+            check.integer(f"protocol.{section}.{key}", protocol[section][key], minimum=1)
+
+
 def evaluate(cfg: DictConfig) -> float | None:
     """Dispatch on the inputs: generated=DIR, a generation protocol, or the stage-A benchmark."""
+    out_dir = Path(cfg.output_dir)
+    names = ["metrics.json", "clips.csv"]
+    if not cfg.get("generated") and (cfg.get("protocol") or {}).get("name") in GENERATION_PROTOCOLS:
+        names.append("generated")  # generate_test_videos writes <output_dir>/generated/<clip id>.mp4
+    check_outputs({f"output_dir/{name}": out_dir / name for name in names}, {"generated": cfg.get("generated")},
+                  Overwrite(bool(cfg.get("overwrite")), "overwrite=true"))
+    protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
+    _check_settings(cfg, protocol)
     root = hydra.utils.instantiate(cfg.data).resolve()
     device = resolve_device(cfg.get("device"))
-    protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
     name = protocol.get("name", "default")
     if cfg.get("generated"):
         generated_dir = Path(str(cfg.generated)).expanduser()
         if not generated_dir.is_dir():
             raise AniPortraitError(f"generated={generated_dir} is not a folder; give the folder holding <clip id>.mp4 files")
         records = select_clips(_records(root, cfg.split), protocol.get("clips"), int(protocol.get("seed", 0)))
+        _check_generated_names(generated_dir, records)
         results = _run_video_benchmark(cfg, root, device, generated_dir.resolve(), "generated", records, protocol)
         return results["metrics"]["generated"].get("fvd")
     if not cfg.get("bundle"):

@@ -147,7 +147,9 @@ def test_animate_batch_survives_a_failing_job_and_resumes(ap, clip, tmp_path, ca
     assert "batch: 3 jobs: 2 done, 0 skipped (finished before), 1 failed" in capsys.readouterr().out
     again = ap.animate_batch(jobs, steps=2, progress=False)
     assert [result.status for result in again] == ["skipped", "failed", "skipped"]
-    redo = ap.animate_batch(jobs[:1], skip_existing=False, steps=2, progress=False)
+    refused = ap.animate_batch(jobs[:1], skip_existing=False, steps=2, progress=False)  # it exists: not this run's
+    assert refused[0].status == "failed" and "exists and this command did not write it; add overwrite=true" in refused[0].error
+    redo = ap.animate_batch(jobs[:1], skip_existing=False, overwrite=True, steps=2, progress=False)
     assert redo[0].status == "done"
 
 

@@ -29,6 +29,7 @@ from aniportrait.inference import (
     load_reference,
     pose_frames_from_file,
 )
+from aniportrait.pipelines.presets import SAMPLING_PRESETS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -200,6 +201,7 @@ class FailingPipeline:
     """Stage B that fails on its second chunk, after the first chunk's frames were written."""
 
     video_settings: dict = {}
+    preset = SAMPLING_PRESETS["project"]
 
     def __init__(self):
         self.calls = 0

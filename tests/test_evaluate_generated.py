@@ -89,6 +89,9 @@ def test_bad_videos_are_reported_per_clip_and_the_rest_scored(cli_results):
     assert list(results["unreadable"]) == [ids[3]] and "corrupt" in results["unreadable"][ids[3]]
     assert results["scored"] == [ids[0], ids[1], ids[2], ids[5]]
     assert f"1 missing ({ids[4]})" in result.stdout and f"1 unreadable ({ids[3]})" in result.stdout
+    sanity = [row for row in results["clips"] if row["method"] != "generated" and row["clip"] in (ids[3], ids[4])]
+    assert len(sanity) == 4 and all(row["status"].startswith("not scored: generated video") for row in sanity)
+    assert "lse_d" in results["left_out"] and ids[2] in results["left_out"]["lse_d"]  # its video has no audio
 
 
 def test_length_size_and_frame_rate_are_aligned_and_reported(cli_results):
@@ -126,7 +129,8 @@ def test_outputs_protocol_and_seeded_fvd_windows_are_written(cli_results):
     protocol = results["protocol"]
     assert protocol["frames_per_clip"] == 24 and protocol["fvd"]["seed"] == 0 and "nearest in time" in protocol["alignment_rule"]
     assert "random-init" in protocol["versions"]["weights"]["fvd"] and protocol["versions"]["packages"]["torchmetrics"]
-    assert set(results["fvd_windows"]) == set(ids) and all(len(starts) == 1 for starts in results["fvd_windows"].values())
+    scored = {ids[i] for i in (0, 1, 2, 5)}  # every row, the ground truth's FVD set too, covers the scored clips only
+    assert set(results["fvd_windows"]) == scored and all(len(starts) == 1 for starts in results["fvd_windows"].values())
     with open(out_dir / "clips.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 * 3 and {"clip", "method", "status", "ssim", "alignment", "notes"} <= set(rows[0])

@@ -10,7 +10,8 @@ import torch
 from conftest import REPO, run_cli, shared_path
 from omegaconf import OmegaConf
 
-from aniportrait.bundle import OFFICIAL_FILES, Bundle, component_architecture, import_official, main
+from aniportrait.bundle import OFFICIAL_FILES, Bundle, component_architecture, import_official
+from aniportrait.cli import bundle as bundle_command
 from aniportrait.data.clip import Manifest
 from aniportrait.data.video import probe_video
 from aniportrait.errors import AniPortraitError
@@ -86,6 +87,7 @@ def test_every_release_file_loads_bit_exactly_with_the_official_settings(importe
     assert audio["fps"] == 30 and audio["pose"]["rotation_scale"] == 0.5 and audio["pose"]["smooth_window"] == 7
     assert audio["pose"]["chunk_frames"] == 150 and audio["pose"]["context_frames"] > 0
     assert video["pose_scaling"] == "official_inference" and video["scheduler"] == INFERENCE_V2_SCHEDULER
+    assert video["sampling"] == "official" and pipeline.preset.name == "official"  # infer.py needs no flag for it
     assert (video["num_inference_steps"], video["guidance_scale"], video["fps"]) == (25, 3.5, 30)
     assert (video["width"], video["height"], video["context_frames"], video["context_overlap"]) == (512, 512, 16, 4)
     assert imported.base_models["video"] == TINY_BASE_MODELS and "wav2vec2-base-960h" in imported.base_models["wav2vec2"]
@@ -109,7 +111,7 @@ def test_a_subset_imports_and_the_command_says_what_it_found(release, tiny_modul
         (partial / file).symlink_to(release / file)
     architecture = tmp_path / "architecture"
     import_official(release, architecture, base_models=TINY_BASE_MODELS, architecture=tiny_modules)
-    assert main(["import-official", str(partial), str(tmp_path / "b"), "--architecture-from", str(architecture),
+    assert bundle_command(["import-official", str(partial), str(tmp_path / "b"), "--architecture-from", str(architecture),
                  "--link"]) == 0
     out = capsys.readouterr().out
     assert "found: audio2mesh.pt -> audio2mesh, audio2pose.pt -> audio2pose" in out
@@ -129,7 +131,7 @@ def test_a_file_of_another_architecture_is_refused_with_its_keys(release, tiny_m
                                                r".*unexpected keys: scale, conv_layers\.0\.weight"):
         import_official(wrong, tmp_path / "never", architecture=tiny_modules)
     assert not (tmp_path / "never").exists()
-    assert main(["import-official", str(wrong), str(tmp_path / "never")]) == 2  # the official SD-1.5 architecture
+    assert bundle_command(["import-official", str(wrong), str(tmp_path / "never")]) == 2  # the official SD-1.5 architecture
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: reference_unet") and "missing keys" in error[0]
     assert not (tmp_path / "never").exists()

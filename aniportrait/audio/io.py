@@ -15,7 +15,7 @@ import numpy as np
 
 from aniportrait.errors import AniPortraitError
 
-__all__ = ["SAMPLE_RATE", "load_audio", "normalize_for_wav2vec2", "frame_count", "write_wav", "samples_per_frame"]
+__all__ = ["SAMPLE_RATE", "load_audio", "check_finite", "normalize_for_wav2vec2", "frame_count", "write_wav", "samples_per_frame"]
 
 SAMPLE_RATE = 16_000
 
@@ -54,6 +54,15 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=0), int(rate)
 
 
+def check_finite(samples: np.ndarray, name: str, sample_rate: int = SAMPLE_RATE) -> None:
+    """Float recordings can carry NaN or infinite samples, which would turn every feature into NaN: refuse them."""
+    bad = ~np.isfinite(samples)
+    if bad.any():
+        first = int(np.flatnonzero(bad.any(axis=1) if bad.ndim == 2 else bad)[0])
+        raise AniPortraitError(f"{name} holds {int(bad.sum())} NaN or infinite samples (the first at "
+                               f"{first / sample_rate:.3f} s); re-export it as PCM (e.g. 16-bit wav)")
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 samples in [-1, 1] at ``sample_rate``. Silence is valid; an empty file is an error."""
     from scipy.signal import resample_poly
@@ -66,6 +75,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     samples, native_rate = _decode(path)
     if samples.shape[0] == 0:
         raise AniPortraitError(f"audio file {path} has no samples (zero duration); give a non-empty speech recording")
+    check_finite(samples, f"audio file {path}", native_rate)
     mono = samples.mean(axis=1, dtype=np.float64)
     if native_rate != sample_rate:
         ratio = Fraction(sample_rate, native_rate)

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.utils import values
 from aniportrait.utils.atomic import atomic_path
+from aniportrait.utils.files import read_arrays
 
 __all__ = [
     "ClipRecord",
@@ -80,8 +82,13 @@ class ClipRecord:
             raise AniPortraitError(f"{where}: clip {data['id']!r} has split {data['split']!r}; use one of {SPLITS}")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         extra = {k: v for k, v in data.items() if k not in known}
-        values = {k: data[k] for k in known if k in data}
-        return cls(**values, extra=extra)
+        fields = {k: data[k] for k in known if k in data}
+        clip = f"{where}: clip {data['id']!r}"
+        fields["fps"] = values.number(f"{clip} fps", data["fps"], minimum=0, exclusive_minimum=True)
+        for key in ("frames", "width", "height"):
+            fields[key] = values.integer(f"{clip} {key}", data[key], minimum=1)
+        fields["duration_s"] = values.number(f"{clip} duration_s", data["duration_s"], minimum=0)
+        return cls(**fields, extra=extra)
 
     def path(self, root: Path, key: str) -> Path | None:
         relative = getattr(self, key)
@@ -172,13 +179,7 @@ def validate_landmarks(arrays: dict[str, np.ndarray], name: str, frames: int | N
 def load_landmarks(path: str | os.PathLike, frames: int | None = None) -> dict[str, np.ndarray]:
     """Read and validate a landmarks.npz (all arrays, extras included)."""
     path = Path(path)
-    if not path.is_file():
-        raise AniPortraitError(f"landmarks file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as error:
-        raise AniPortraitError(f"cannot read landmarks {path} ({error}); the file is corrupt") from error
+    arrays = read_arrays(path, "landmarks file", finite=("lmks", "mesh3d", "trans_mat", "blendshapes"))
     validate_landmarks(arrays, str(path), frames)
     return arrays
 

@@ -193,7 +193,7 @@ def _import_clip(
     relative = Path("clips") / clip_id
     interpolation = cv2.INTER_AREA if side > config.size else cv2.INTER_LINEAR
     try:
-        with atomic_dir(clip_dir(root, clip_id)) as folder:
+        with atomic_dir(clip_dir(root, clip_id), replace=True) as folder:  # a rerun redoes an unfinished source
             with VideoWriter(folder / "video.mp4", config.fps, crf=config.crf, preset=config.preset) as writer:
                 writer.set_audio(audio)
                 for path in frame_paths:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.utils.atomic import temporary_name
 
 __all__ = ["VideoInfo", "probe_video", "read_video", "VideoWriter", "write_video"]
 
@@ -123,7 +124,7 @@ class VideoWriter:
         self._stream = None
         self.frames_written = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}{self.path.suffix or '.mp4'}")
+        self._tmp = temporary_name(self.path if self.path.suffix else self.path.with_suffix(".mp4"))
 
     def __enter__(self) -> VideoWriter:
         return self

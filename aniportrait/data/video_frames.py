@@ -52,6 +52,7 @@ from aniportrait.data.clip import ClipRecord, Manifest
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.drawing import draw_landmarks
 from aniportrait.models.pose_image_scaling import POSE_IMAGE_SCALINGS, scale_pose_images
+from aniportrait.utils.files import read_arrays
 
 __all__ = ["FrameSettings", "VideoFrameDataset", "ResumableBatchLoader", "VideoFrameDataModule"]
 
@@ -165,11 +166,8 @@ class VideoFrameDataset(Dataset):
 
         def load() -> tuple[np.ndarray, np.ndarray]:
             path = self.root / record.landmarks
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    lmks, valid = data["lmks"], data["valid"]
-            except (OSError, KeyError, ValueError, EOFError) as error:
-                raise AniPortraitError(f"clip {record.id}: cannot read lmks/valid from {path} ({error})") from error
+            arrays = read_arrays(path, f"landmarks of clip {record.id}", keys=("lmks", "valid"), finite=("lmks",))
+            lmks, valid = arrays["lmks"], arrays["valid"]
             if lmks.ndim != 3 or lmks.shape[1:] != (478, 3) or len(lmks) != record.frames or valid.shape != (record.frames,):
                 raise AniPortraitError(
                     f"clip {record.id}: {path} has lmks {lmks.shape} and valid {valid.shape}; the manifest says "

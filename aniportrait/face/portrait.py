@@ -81,8 +81,13 @@ def read_image_rgb(path_or_array: str | os.PathLike | np.ndarray) -> np.ndarray:
     path = Path(path_or_array)
     if not path.is_file():
         raise AniPortraitError(f"portrait image not found: {path}; check the path")
+    if path.stat().st_size == 0:
+        raise AniPortraitError(f"portrait image {path} is empty (0 bytes); give a PNG, JPEG, WebP, BMP or TIFF file")
     # IMREAD_COLOR applies the EXIF orientation, drops alpha and converts gray and 16-bit to 8-bit BGR.
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        image = None
     if image is None:
         raise AniPortraitError(f"cannot read image {path}; give a PNG, JPEG, WebP, BMP or TIFF file")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

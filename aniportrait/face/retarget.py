@@ -25,6 +25,7 @@ import numpy as np
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.geometry import project_points, relative_pose6, smooth_pose_sequence
 from aniportrait.face.portrait import Portrait
+from aniportrait.utils.files import read_arrays
 
 __all__ = ["Retargeted", "POSE_MODES", "retarget", "load_pose_template", "cycle_pose_template"]
 
@@ -55,10 +56,10 @@ def load_pose_template(path_or_array: str | os.PathLike | np.ndarray) -> np.ndar
         path = Path(path_or_array)
         if not path.is_file():
             raise AniPortraitError(f"pose template not found: {path}; give an official pose_temp.npy (N, 6)")
-        try:
-            template = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise AniPortraitError(f"cannot read pose template {path} ({error}); give a .npy file") from error
+        arrays = read_arrays(path, "pose template (an official pose_temp.npy, N x 6)")
+        if len(arrays) != 1:
+            raise AniPortraitError(f"pose template {path} holds {sorted(arrays)}; give a .npy file of one (N, 6) array")
+        template = next(iter(arrays.values()))
         name = str(path)
     template = np.asarray(template, dtype=np.float64)
     if template.ndim != 2 or template.shape[1] != 6 or len(template) == 0:

@@ -10,6 +10,11 @@ Aggregation over clips: per-frame metrics (SSIM, PSNR, LPIPS, LMD, blendshape er
 all scored frames of all clips (frame-weighted); LSE-D / LSE-C are averaged over clips, as SyncNet scores
 are per video; FID pools the frames, FVD the 16-frame windows, of all clips into one set per method.
 A metric that cannot be computed is None with a reason, never a number.
+
+Every row covers the same clips: a clip enters the aggregates (FID/FVD sets included, the ground truth's too)
+only when its ``generated`` video could be scored, and a metric of a clip only when every method has it (a
+faceless generated video leaves that clip's landmark metrics out of the sanity rows too). What was left out,
+and why, is in :attr:`MetricSuite.left_out` and each row's notes.
 """
 
 from __future__ import annotations
@@ -225,6 +230,8 @@ class MetricSuite:
         self.weights = weights or {}
         self._sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._pending: list[tuple[str, str, float, int]] = []  # one clip's values, added once all methods have them
+        self.left_out: dict[str, dict[str, str]] = defaultdict(dict)  # metric -> clip -> why it is in no average
         self.fvd_windows: dict[str, list[int]] = {}
         self.timings: dict[str, float] = defaultdict(float)  # seconds per component, summed over clips
 
@@ -317,8 +324,39 @@ class MetricSuite:
     # scoring ---------------------------------------------------------------------------------------------
 
     def _add(self, method: str, metric: str, value: float, count: int = 1) -> None:
-        self._sums[method][metric] += value * count
-        self._counts[method][metric] += count
+        self._pending.append((method, metric, value, count))
+
+    def _commit(self, clip_id: str, rows: list[dict[str, Any]], notes: dict[str, dict[str, str]]) -> None:
+        """Add one clip's values to the aggregates: only the metrics every scored method of the clip has."""
+        pending, self._pending = self._pending, []
+        methods = {row["method"] for row in rows if row["status"] == "ok"}
+        have = {metric: {method for method, name, _, _ in pending if name == metric} for _, metric, _, _ in pending}
+        for method, metric, value, count in pending:
+            if have[metric] == methods:
+                self._sums[method][metric] += value * count
+                self._counts[method][metric] += count
+        for metric, present in have.items():
+            lacking = sorted(methods - present)
+            if lacking:
+                why = "; ".join(f"{method}: {notes.get(method, {}).get(METRICS[metric], 'not computed')}"
+                                for method in lacking)
+                self.left_out[metric][clip_id] = why
+                for row in rows:
+                    if metric in row:
+                        note = f"{metric}: in no row's average ({why})"
+                        row["notes"] = "; ".join(filter(None, [row.get("notes"), note]))
+
+    def _not_scored(self, pair: ClipPair, primary: str) -> list[dict[str, Any]]:
+        """Rows of a clip no method is scored on (its ground truth or its generated video cannot be read)."""
+        reason = pair.status.get(primary, "no reference") if pair.reference is not None else "ground truth unreadable"
+        rows = []
+        for method, status in pair.status.items():
+            status = status if status != "ok" else f"not scored: {primary} video {reason} (every row covers the same clips)"
+            rows.append({"clip": pair.clip_id, "method": method, "status": status})
+        for metric, component in METRICS.items():
+            if component in self.components:
+                self.left_out[metric][pair.clip_id] = f"{primary} video {reason}"
+        return rows
 
     @contextlib.contextmanager
     def _timed(self, component: str) -> Iterator[None]:
@@ -329,9 +367,14 @@ class MetricSuite:
             torch.cuda.synchronize(self.device)
         self.timings[component] += time.perf_counter() - started
 
-    def score(self, pair: ClipPair) -> list[dict[str, Any]]:
-        """Score every method of one clip; returns one row per method (clip, method, status, metrics, notes)."""
+    def score(self, pair: ClipPair, primary: str = "generated") -> list[dict[str, Any]]:
+        """Score every method of one clip; returns one row per method (clip, method, status, metrics, notes).
+        Nothing of the clip counts when the ``primary`` method's video cannot be scored (see the module doc)."""
+        if pair.reference is None or (primary in pair.status and (pair.status[primary] != "ok"
+                                                                    or primary not in pair.methods)):
+            return self._not_scored(pair, primary)
         rows = []
+        method_notes: dict[str, dict[str, str]] = {}
         reference = pair.reference
         fid, fvd = self.networks.get("fid"), self.networks.get("fvd")
         stride = int(self.protocol.get("fid", {}).get("frame_stride", 1))
@@ -375,7 +418,9 @@ class MetricSuite:
             with self._timed("sync"):
                 self._sync_metric(method, row, notes, sample)
             row["notes"] = "; ".join(f"{key}: {value}" for key, value in sorted(notes.items()))
+            method_notes[method] = notes
             rows.append(row)
+        self._commit(pair.clip_id, rows, method_notes)
         return rows
 
     @staticmethod
@@ -418,7 +463,7 @@ class MetricSuite:
             return
         both = sample.landmarks["valid"] & reference.landmarks["valid"]
         if not both.any():
-            notes["landmarks"] = "no frame with a face in both videos"
+            notes.setdefault("landmarks", "no frame with a face in both videos")
             return
         height, width = sample.frames.shape[1:3]
         scale = np.array([width, height], np.float64)
@@ -517,11 +562,17 @@ class MetricSuite:
             return None
 
     def reasons(self) -> dict[str, str]:
-        """Metric -> why it is unavailable for every clip (missing weights, no landmarker, too few windows)."""
+        """Metric -> why it is unavailable for every clip (missing weights, no landmarker, too few windows, left
+        out of every clip)."""
         reasons = {}
         for metric, component in METRICS.items():
             if component in self.unavailable:
                 reasons[metric] = self.unavailable[component]
+            elif component in self.components and self.left_out.get(metric) and not any(
+                    self._counts[method].get(metric) for method in self._counts) and metric not in ("fid", "fvd"):
+                clips = self.left_out[metric]
+                reasons[metric] = "not scored on any clip (" + "; ".join(
+                    f"{clip}: {why}" for clip, why in list(clips.items())[:5]) + (" ..." if len(clips) > 5 else "") + ")"
         fvd = self.networks.get("fvd")
         if fvd is not None and fvd.sets.count("reference") < 2:
             reasons["fvd"] = (f"{fvd.sets.count('reference')} clip window(s) of {self.protocol.get('fvd', {}).get('clip_frames', 16)} "

@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from aniportrait.errors import AniPortraitError
 
-__all__ = ["LoadReport", "load_state_dict_checked", "read_checkpoint"]
+__all__ = ["LoadReport", "load_state_dict_checked", "read_checkpoint", "read_training_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise AniPortraitError(f"checkpoint {path} does not exist: pass the path of a .safetensors/.pt/.pth file")
+    if path.stat().st_size == 0:
+        raise AniPortraitError(f"checkpoint {path} is empty (0 bytes): the download or copy did not finish; fetch it again")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:  # a truncated file fails its header's size check
+            raise AniPortraitError(f"checkpoint {path} is not a readable .safetensors file ({_one_line(error)}); it is "
+                                   "truncated or corrupt: copy or export it again") from error
     if path.suffix not in _TORCH_SUFFIXES:
         raise AniPortraitError(
             f"checkpoint {path} has an unknown suffix {path.suffix!r}: expected .safetensors or one of {_TORCH_SUFFIXES}"
@@ -55,7 +63,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError here
-        raise AniPortraitError(f"checkpoint {path} could not be read as a weights-only torch file: {error}") from error
+        raise AniPortraitError(f"checkpoint {path} could not be read as a weights-only torch file "
+                               f"({_one_line(error)}); it is truncated, corrupt or not a weights file") from error
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         content = content["state_dict"]
     if not isinstance(content, Mapping):
@@ -64,6 +73,36 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if dropped:
         log.info("checkpoint %s: ignoring non-tensor entries %s", path, dropped)
     return {str(key): value for key, value in content.items() if isinstance(value, torch.Tensor)}
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def read_training_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict:
+    """A Lightning checkpoint of our training (to resume or export), checked before use: it exists, is complete
+    (a torch zip archive with its central directory, so a truncated copy is caught without reading it all), loads
+    with ``weights_only=True`` and was written by aniportrait training. ``key`` names where the path came from."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        where = "a folder" if path.is_dir() else "not found"
+        raise AniPortraitError(f"{key}={path}: {where}; give a Lightning checkpoint file of a training run "
+                               "(logs/train/<date>/<time>/checkpoints/last.ckpt)")
+    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+        raise AniPortraitError(f"{key}={path} is not a complete checkpoint (empty, truncated or not a torch file); "
+                               "give another checkpoint of the run (checkpoints/step_*.ckpt)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - zipfile and torch raise several types for damaged files
+        raise AniPortraitError(f"{key}={path} cannot be read ({_one_line(error)}); it is truncated or corrupt: give "
+                               "another checkpoint of the run (checkpoints/step_*.ckpt)") from error
+    if not isinstance(checkpoint, Mapping) or "module_class" not in (checkpoint.get("aniportrait") or {}):
+        raise AniPortraitError(f"{key}={path} is not a checkpoint written by aniportrait training (no 'aniportrait' "
+                               "entry); official release files are imported with `python -m aniportrait.bundle "
+                               "import-official`")
+    return dict(checkpoint)
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

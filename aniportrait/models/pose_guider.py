@@ -56,6 +56,8 @@ class PoseGuider(ModelMixin, ConfigMixin):
             because the attention blocks start with GroupNorm(32).
         attention_num_heads, attention_head_dim: the four attention blocks' heads and head size.
             The official model uses diffusers' class defaults, 16 x 88 (inner width 1408 at every level).
+        attention_norm_groups: the GroupNorm groups opening each attention block (32 official; fewer allow
+            channel counts below 32, e.g. in tiny test models).
         reference_attention: ``"official"`` (reference pose ignored except for BatchNorm statistics) or
             ``"cross"`` (true cross-attention to the reference pose features).
     """
@@ -67,16 +69,18 @@ class PoseGuider(ModelMixin, ConfigMixin):
         attention_num_heads: int = 16,
         attention_head_dim: int = 88,
         reference_attention: ReferenceAttention = "official",
+        attention_norm_groups: int = 32,
     ):
         super().__init__()
         if reference_attention not in ("official", "cross"):
             raise AniPortraitError(
                 f"pose_guider.reference_attention={reference_attention!r}: expected 'official' or 'cross'"
             )
-        if noise_latent_channels % 32:
+        if attention_norm_groups < 1 or noise_latent_channels % attention_norm_groups:
             raise AniPortraitError(
-                f"pose_guider.noise_latent_channels={noise_latent_channels} must be a multiple of 32 "
-                "(GroupNorm(32) in the attention blocks); use the UNet's first block width"
+                f"pose_guider.noise_latent_channels={noise_latent_channels} must be a multiple of "
+                f"attention_norm_groups={attention_norm_groups} (GroupNorm in the attention blocks); use the UNet's "
+                "first block width"
             )
         c = noise_latent_channels
         self.conv_layers = _conv_bn_relu(_STEM)
@@ -91,7 +95,7 @@ class PoseGuider(ModelMixin, ConfigMixin):
                 num_attention_heads=attention_num_heads,
                 attention_head_dim=attention_head_dim,
                 in_channels=channels,
-                norm_num_groups=32,
+                norm_num_groups=attention_norm_groups,
                 cross_attention_dim=channels if cross else None,
             )
             if cross:  # start as the official model: the new path adds nothing until trained

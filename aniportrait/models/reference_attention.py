@@ -232,6 +232,14 @@ class ReferenceAttentionControl:
         self.writing = True
         self.read_state = None
 
+    def keep_bank(self, samples: slice | None = None, dtype: torch.dtype | None = None) -> None:
+        """Keep only ``samples`` of the written bank's batch, stored in ``dtype`` (None: as written). The official
+        reader keeps float16 copies of the conditional half (``ReferenceAttentionControl.update``)."""
+        for path, tokens in self.bank.items():
+            tokens = tokens if samples is None else tokens[samples]
+            self.bank[path] = tokens if dtype is None else tokens.to(dtype)
+        self.projection_cache.clear()
+
     def read(self, num_frames: int, uncond_mask: torch.Tensor | None = None, cache_projections: bool = False) -> None:
         """Make the denoising UNet attend to the bank.
 

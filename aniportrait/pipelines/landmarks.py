@@ -95,6 +95,25 @@ class LandmarkPrediction:
     fps: float
 
 
+def resolve_identity(identity: int | str | None, pose_settings: dict, count: int) -> int:
+    """Audio2Pose's identity index: None -> the bundle's default; a training identity's name -> its index; an index
+    checked against the ``count`` identities the model was trained with."""
+    from aniportrait.errors import AniPortraitError
+    from aniportrait.utils import values
+
+    if identity is None:
+        return int(pose_settings.get("default_identity", 0))
+    if isinstance(identity, str) and not identity.strip().isdigit():
+        table = pose_settings.get("identities", {})
+        if identity not in table:
+            known = ", ".join(sorted(table)[:10]) + (" ..." if len(table) > 10 else "") if table else "no names"
+            raise AniPortraitError(f"identity={identity!r} is not a training identity of this bundle ({known}); give "
+                                   f"one of those names or an index 0-{count - 1}")
+        return int(table[identity])
+    return values.integer("identity", identity, minimum=0, maximum=count - 1,
+                          hint=f" (this bundle's Audio2Pose knows {count} identities), or a training identity name")
+
+
 class AudioToLandmarks:
     """Audio2Mesh (+ Audio2Pose) with the settings a bundle stores (``settings["audio"]``)."""
 
@@ -112,17 +131,8 @@ class AudioToLandmarks:
         return cls(bundle.load("audio2mesh", device), audio2pose, bundle.settings.get("audio", {}), device)
 
     def identity_index(self, identity: int | str | None) -> int:
-        pose = self.settings.get("pose", {})
-        if identity is None:
-            return int(pose.get("default_identity", 0))
-        if isinstance(identity, str) and not identity.isdigit():
-            table = pose.get("identities", {})
-            if identity not in table:
-                from aniportrait.errors import AniPortraitError
-
-                raise AniPortraitError(f"unknown identity {identity!r}; the bundle knows {sorted(table)[:10]}... or give an index 0-99")
-            return int(table[identity])
-        return int(identity)
+        count = int(self.audio2pose.id_embed.num_embeddings) if self.audio2pose is not None else 100
+        return resolve_identity(identity, self.settings.get("pose", {}), count)
 
     @torch.no_grad()
     def predict(self, audio: np.ndarray, reference_mesh: np.ndarray, identity: int | str | None = None,

@@ -6,14 +6,20 @@ Per video (official ``pipeline_pose2vid_long.py`` semantics, minus its per-step 
   timestep 0), and the PoseGuider's features once per context window (they depend on no timestep);
 * classifier-free guidance: the unconditional half gets a zero CLIP embedding and no reference tokens
   (the reference-attention reader lets those rows attend to their own tokens only), as official;
-* videos longer than ``context_frames`` are denoised in overlapping windows (``context_overlap`` frames
-  shared by neighbours, the last window aligned to the end, no wrap-around); each step's per-frame
-  predictions are blended with weights that ramp linearly across the overlaps, so there are no seams;
+* videos longer than ``context_frames`` are denoised in overlapping windows (``context_overlap`` frames shared by
+  neighbours) whose predictions are combined at every step by the preset's context schedule
+  (:mod:`aniportrait.pipelines.context`): ``blended`` (linear ramps, no seams) or the official ``uniform``;
+* the sampling ``preset`` (:mod:`aniportrait.pipelines.presets`) fixes every other choice that changes the frames:
+  ``"project"`` (models trained here) or ``"official"`` (the official pipeline's frames, checked against fixtures
+  made by the official code); ``from_bundle`` takes it from the bundle's ``settings.video.sampling``;
 * any diffusers scheduler (default: the official inference_v2 DDIM, v-prediction, zero terminal SNR,
   trailing spacing); ``generator`` seeds the initial noise (and stochastic schedulers);
-* the VAE decodes in batches of frames; output is uint8 (T, H, W, 3).
+* the VAE decodes in batches of frames: :meth:`Pose2VideoPipeline.frames` yields them as they are decoded,
+  ``__call__`` returns the whole video, uint8 (T, H, W, 3) or float in [0, 1].
 
-Pose images pass through :func:`aniportrait.models.pose_image_scaling.scale_pose_images` with the
+Pose images are an array (T, H, W, 3) uint8 or any sequence with ``len()`` whose ``[indices]`` (an int array)
+gives those frames as such an array: they are fetched window by window, so a long video never needs all of them
+at once. They pass through :func:`aniportrait.models.pose_image_scaling.scale_pose_images` with the
 pipeline's ``pose_scaling``: "official_inference" for the official release weights, "unit" for models
 trained here (``from_bundle`` takes it from the bundle).
 """
@@ -23,19 +29,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import cv2
-import hydra
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -46,12 +51,23 @@ from aniportrait.models.pose_guider import PoseGuider
 from aniportrait.models.pose_image_scaling import POSE_IMAGE_SCALINGS, scale_pose_images
 from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.reference_unet import ReferenceNet
+from aniportrait.models.schedulers import INFERENCE_V2_SCHEDULER, build_scheduler
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS, UNet3DConditionModel
 from aniportrait.models.video_backbone import RANDOM_BACKBONES, build_frozen_encoders
+from aniportrait.pipelines.context import ContextSchedule, context_schedule, context_windows, window_weights
+from aniportrait.pipelines.presets import (
+    OFFICIAL_CLIP_SIZE,
+    SAMPLING_PRESETS,
+    SamplingPreset,
+    resize_images,
+    sampling_preset,
+    to_uint8,
+)
 
 __all__ = [
     "Pose2VideoPipeline",
     "INFERENCE_V2_SCHEDULER",
+    "SAMPLING_PRESETS",
     "build_scheduler",
     "context_windows",
     "window_weights",
@@ -60,98 +76,41 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# configs/inference/inference_v2.yaml noise_scheduler_kwargs, sampler DDIM
-INFERENCE_V2_SCHEDULER: dict[str, Any] = {
-    "_target_": "diffusers.DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "linear",
-    "clip_sample": False,
-    "steps_offset": 1,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "timestep_spacing": "trailing",
-}
 
-
-def build_scheduler(config: Mapping[str, Any] | None = None) -> SchedulerMixin:
-    """A diffusers scheduler from ``{_target_: diffusers.<Scheduler>, **kwargs}`` (None: :data:`INFERENCE_V2_SCHEDULER`)."""
-    config = dict(INFERENCE_V2_SCHEDULER if config is None else config)
-    if "_target_" not in config:
-        raise AniPortraitError(f"scheduler config {config} has no _target_: name a diffusers scheduler, "
-                               "e.g. _target_: diffusers.DDIMScheduler")
-    scheduler = hydra.utils.instantiate(config)
-    if not isinstance(scheduler, SchedulerMixin):
-        raise AniPortraitError(f"scheduler _target_ {config['_target_']!r} built a {type(scheduler).__name__}, "
-                               "not a diffusers scheduler")
-    return scheduler
-
-
-def context_windows(num_frames: int, context_frames: int | str = 16, context_overlap: int = 4,
-                    max_frames: int = 32) -> list[slice]:
-    """Windows covering ``range(num_frames)``, neighbours sharing ``context_overlap`` frames (more for the last,
-    which ends at the last frame).
-
-    ``context_frames`` is the window length, or ``"auto"``: the fewest windows of at most ``max_frames`` (the
-    motion modules' position limit) with at least ``context_overlap`` shared frames, made as short as that
-    allows, so overlaps are no larger than blending needs (48 frames: 2 windows of 26 instead of 4 of 16).
-    """
-    if num_frames < 1:
-        raise AniPortraitError("pose-to-video needs at least one pose image")
-    if context_frames == "auto":
-        if not 0 <= context_overlap < max_frames:
-            raise AniPortraitError(f"context_overlap={context_overlap}: need 0 <= context_overlap < {max_frames}")
-        count = max(1, math.ceil((num_frames - context_overlap) / (max_frames - context_overlap)))
-        context_frames = min(num_frames, math.ceil((num_frames + (count - 1) * context_overlap) / count))
-    context_frames = int(context_frames)
-    if context_frames < 1 or not 0 <= context_overlap < context_frames:
-        raise AniPortraitError(f"context_frames={context_frames}, context_overlap={context_overlap}: need "
-                               "context_frames >= 1 and 0 <= context_overlap < context_frames")
-    if num_frames <= context_frames:
-        return [slice(0, num_frames)]
-    starts = list(range(0, num_frames - context_frames, context_frames - context_overlap)) + [num_frames - context_frames]
-    return [slice(start, start + context_frames) for start in starts]
-
-
-def window_weights(length: int, context_overlap: int) -> torch.Tensor:
-    """(length,) blending weights of a window's frames: a linear ramp over ``context_overlap + 1`` frames at
-    both ends, flat in between (normalised per frame over all windows that cover it)."""
-    position = torch.arange(length, dtype=torch.float32)
-    return torch.minimum(torch.minimum(position + 1, length - position), torch.tensor(context_overlap + 1.0))
-
-
-def load_vae_and_image_encoder(backbone: Mapping[str, Any]) -> tuple[AutoencoderKL, CLIPVisionModelWithProjection,
-                                                                       CLIPImageProcessor]:
+def load_vae_and_image_encoder(backbone: Mapping[str, Any], with_vae: bool = True,
+                               ) -> tuple[AutoencoderKL | None, CLIPVisionModelWithProjection, CLIPImageProcessor]:
     """The frozen base models a bundle refers to (``base_models.video``: the training backbone's settings).
 
-    ``kind: tiny`` / ``small`` rebuild the seeded VAE and CLIP (a bundle's own ``vae`` component, when it has one,
-    replaces that VAE: see ``from_bundle``); ``kind: sd15`` loads ``vae`` (or ``base_model``'s ``vae/``) and
-    ``image_encoder`` (root or ``image_encoder/``) without touching the SD UNet weights.
+    ``kind: sd15`` loads ``vae`` (or ``base_model``'s ``vae/``) and ``image_encoder`` (root or ``image_encoder/``)
+    without touching the SD UNet weights; the random-init kinds (``tiny``, ``small``) rebuild their seeded VAE and
+    CLIP. with_vae=False: no VAE (None), for bundles that hold their own (``model=vae``'s, see ``from_bundle``).
     """
     kind = backbone.get("kind")
     if kind in RANDOM_BACKBONES:
-        return build_frozen_encoders(backbone)
+        vae, image_encoder, processor = build_frozen_encoders(backbone)
+        return (vae if with_vae else None), image_encoder, processor
     if kind != "sd15":
         raise AniPortraitError(f"base_models.video.kind={kind!r}: expected 'sd15' or one of {sorted(RANDOM_BACKBONES)}")
     local_only = bool(backbone.get("local_files_only", False))
     vae_key = "vae" if backbone.get("vae") else "base_model"
     vae_location = backbone.get(vae_key)
     encoder_location = backbone.get("image_encoder")
-    for key, value in ((vae_key, vae_location), ("image_encoder", encoder_location)):
+    for key, value in ([(vae_key, vae_location)] if with_vae else []) + [("image_encoder", encoder_location)]:
         if not value:
             raise AniPortraitError(f"base_models.video.{key} is not set: the bundle must name the VAE and the CLIP image "
                                    "encoder it was trained with (pass backbone= to override)")
     subfolder = backbone.get("image_encoder_subfolder")
     if subfolder is None and Path(str(encoder_location)).is_dir() and not (Path(encoder_location) / "config.json").is_file():
         subfolder = "image_encoder"
-    with _naming(vae_key, vae_location):
-        vae = AutoencoderKL.from_pretrained(vae_location, subfolder=None if vae_key == "vae" else "vae",
-                                            local_files_only=local_only)
+    vae = None
+    if with_vae:
+        with _naming(vae_key, vae_location):
+            vae = AutoencoderKL.from_pretrained(vae_location, subfolder=None if vae_key == "vae" else "vae",
+                                                local_files_only=local_only).eval()
     with _naming("image_encoder", encoder_location):
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_location, subfolder=subfolder or "",
                                                                       local_files_only=local_only)
-    return vae.eval(), image_encoder.eval(), CLIPImageProcessor()
+    return vae, image_encoder.eval(), CLIPImageProcessor()
 
 
 @contextlib.contextmanager
@@ -186,30 +145,39 @@ class Pose2VideoPipeline:
 
     ``reference_control``: an existing :class:`ReferenceAttentionControl` of these two UNets (training
     modules pass theirs); by default the pipeline installs its own. The modules are used as given: put them
-    in eval mode (``from_bundle`` does).
+    in eval mode (``from_bundle`` does). ``preset``: ``"project"``, ``"official"`` or a
+    :class:`~aniportrait.pipelines.presets.SamplingPreset`.
     """
 
     def __init__(self, vae: AutoencoderKL, image_encoder: CLIPVisionModelWithProjection,
                  clip_image_processor: CLIPImageProcessor, reference_unet: ReferenceNet,
                  denoising_unet: UNet3DConditionModel, pose_guider: PoseGuider, scheduler: SchedulerMixin,
-                 pose_scaling: str = "official_inference", reference_control: ReferenceAttentionControl | None = None):
+                 pose_scaling: str = "official_inference", reference_control: ReferenceAttentionControl | None = None,
+                 preset: str | SamplingPreset = "project"):
         if pose_scaling not in POSE_IMAGE_SCALINGS:
             raise AniPortraitError(f"pose_scaling={pose_scaling!r}: expected one of {POSE_IMAGE_SCALINGS}")
         self.vae, self.image_encoder, self.clip_image_processor = vae, image_encoder, clip_image_processor
         self.reference_unet, self.denoising_unet, self.pose_guider = reference_unet, denoising_unet, pose_guider
         self.scheduler, self.pose_scaling = scheduler, pose_scaling
+        self.preset = sampling_preset(preset)
         self.reference_control = reference_control or ReferenceAttentionControl(reference_unet, denoising_unet)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
         self.video_settings: dict[str, Any] = {}  # a bundle's settings["video"] (from_bundle)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle | str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None, backbone: Mapping[str, Any] | None = None,
-                    scheduler: Mapping[str, Any] | None = None) -> Pose2VideoPipeline:
+                    scheduler: Mapping[str, Any] | None = None,
+                    preset: str | SamplingPreset | None = None) -> Pose2VideoPipeline:
         """Build from a bundle with stage-B components plus the base models it names.
 
-        dtype: None = float32 on CPU, bfloat16 on CUDA. backbone: overrides ``base_models.video`` (e.g. SD-1.5
-        elsewhere on this machine). scheduler: overrides the bundle's sampling scheduler config.
+        dtype: None = float32 on CPU; on CUDA float16 with the official preset (as the official scripts), else
+        bfloat16. backbone: overrides ``base_models.video`` (e.g. SD-1.5
+        elsewhere on this machine). scheduler: overrides the bundle's sampling scheduler config. preset: overrides
+        the bundle's ``settings.video.sampling`` (``official`` in bundles imported from the release, else
+        ``project``). A bundle with its own ``vae`` component decodes with it; the image encoder always comes
+        from the base models.
         """
         bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         bundle.require("reference_unet", "denoising_unet", "pose_guider", purpose="pose-to-video generation")
@@ -218,16 +186,21 @@ class Pose2VideoPipeline:
         if not backbone:
             raise AniPortraitError(f"bundle {bundle.path} names no base_models.video (VAE and image encoder); pass "
                                    "backbone={'kind': 'sd15', 'base_model': ..., 'image_encoder': ...}")
-        vae, image_encoder, clip_image_processor = load_vae_and_image_encoder(backbone)
-        if bundle.has("vae"):  # trained by model=vae for a backbone without a pretrained one
+        own_vae = bundle.has("vae")  # trained by model=vae for a backbone without a pretrained one
+        vae, image_encoder, clip_image_processor = load_vae_and_image_encoder(backbone, with_vae=not own_vae)
+        if own_vae:
             vae = bundle.load("vae")
         pipeline = cls(vae, image_encoder, clip_image_processor, bundle.load("reference_unet"),
                        _load_denoising_unet(bundle), bundle.load("pose_guider"),
                        build_scheduler(scheduler or settings.get("scheduler")),
-                       pose_scaling=settings.get("pose_scaling", "official_inference"))
+                       pose_scaling=settings.get("pose_scaling", "official_inference"),
+                       preset=preset or settings.get("sampling", "project"))
         pipeline.video_settings = settings
         device = torch.device(device)
-        return pipeline.to(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        if dtype is None:  # the official scripts sample in fp16 (weight_dtype: fp16); bf16 is our default on GPUs
+            dtype = torch.float32 if device.type != "cuda" else (
+                torch.float16 if pipeline.preset.name == "official" else torch.bfloat16)
+        return pipeline.to(device, dtype)
 
     def optimize(self, channels_last: bool = False, compile: Mapping[str, Any] | bool | None = None) -> Pose2VideoPipeline:
         """Speed switches that keep the function (benchmarks/README.md): channels-last convolution weights
@@ -264,18 +237,26 @@ class Pose2VideoPipeline:
                                    "channels and convert grayscale to RGB first")
         return image
 
-    @staticmethod
-    def _resized(images: np.ndarray, height: int, width: int) -> np.ndarray:
-        """(n, h, w, 3) -> (n, height, width, 3)."""
-        if images.shape[1:3] == (height, width):
-            return images
-        interpolation = cv2.INTER_AREA if images.shape[1] > height else cv2.INTER_LINEAR
-        return np.stack([cv2.resize(image, (width, height), interpolation=interpolation) for image in images])
-
-    def _pose_tensor(self, pose_images: np.ndarray) -> torch.Tensor:
-        """(n, H, W, 3) uint8 -> (1, 3, n, H, W) in the PoseGuider's input range and dtype."""
+    def _pose_tensor(self, pose_images: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """(n, h, w, 3) uint8 -> (1, 3, n, height, width), resized as the preset says, in the PoseGuider's range
+        and dtype."""
+        pose_images = resize_images(pose_images, height, width, self.preset.pose_resampling)
         pose = torch.from_numpy(np.ascontiguousarray(pose_images)).permute(3, 0, 1, 2).unsqueeze(0)
         return scale_pose_images(pose, self.pose_scaling).to(self.device, _module_dtype(self.pose_guider))
+
+    def _reference_inputs(self, reference_image: np.ndarray, height: int, width: int) -> tuple[torch.Tensor, Any]:
+        """The reference as the VAE sees it, (1, 3, height, width) in [-1, 1], and the image for the CLIP processor."""
+        if self.preset.reference_resampling == "lanczos":  # the official ref_image_processor.preprocess(PIL image)
+            pixels = self.vae_image_processor.preprocess(Image.fromarray(reference_image), height=height, width=width)
+            resized = None
+        else:
+            resized = resize_images(reference_image[None], height, width, self.preset.reference_resampling)[0]
+            pixels = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        if self.preset.clip_input == "stretched_source":  # the original, whatever its aspect ratio
+            return pixels, Image.fromarray(reference_image).resize((OFFICIAL_CLIP_SIZE,) * 2, Image.BICUBIC)
+        if resized is None:
+            resized = resize_images(reference_image[None], height, width, self.preset.reference_resampling)[0]
+        return pixels, resized
 
     # -- sampling -----------------------------------------------------------------------------------------
 
@@ -283,11 +264,11 @@ class Pose2VideoPipeline:
     def __call__(
         self,
         reference_image: np.ndarray,
-        pose_images: np.ndarray,
+        pose_images: Any,
         reference_pose: np.ndarray | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 3.5,
-        context_frames: int = 16,
+        context_frames: int | str = 16,
         context_overlap: int = 4,
         generator: torch.Generator | None = None,
         progress: bool = True,
@@ -297,62 +278,101 @@ class Pose2VideoPipeline:
         eta: float = 0.0,
         cache_pose_features: bool = True,
         window_batch: int = 1,
+        output_type: str = "uint8",
     ) -> np.ndarray:
         """Generate one frame per pose image.
 
-        reference_image: (H, W, 3) uint8 RGB portrait; pose_images: (T, H, W, 3) uint8; reference_pose: the
-        reference's pose image (only a ``reference_attention: cross`` PoseGuider uses it). width x height:
-        output size, multiples of 8 (default: the pose images'); inputs are resized to it.
-        guidance_scale == 1 skips the unconditional pass. cache_pose_features: keep the PoseGuider's features of
-        every window for all steps (about 4 MB per frame at 512 x 512 in bf16) instead of recomputing them.
-        context_frames: the window length, or "auto" (the fewest windows of at most 32 frames; see context_windows).
+        reference_image: (H, W, 3) uint8 RGB portrait, any size; pose_images: (T, H, W, 3) uint8 (or a sequence, see
+        the module docstring); reference_pose: the reference's pose image (a ``reference_attention: cross``
+        PoseGuider uses it). width x height: output size, multiples of 8 (default: the pose images'); inputs are
+        resized to it as the preset says. guidance_scale == 1 (``<= 1`` in the official preset) skips the
+        unconditional pass. cache_pose_features: keep the PoseGuider's features of every window for all steps
+        (about 4 MB per frame at 512 x 512 in bf16) instead of recomputing them. context_frames: the window length,
+        or "auto" with the blended schedule (the fewest windows of at most 32 frames; see context_windows).
         window_batch: windows denoised together in one UNet call (with both guidance halves): the same
-        computation in fewer, larger launches (1: one window per call).
-        Returns (T, height, width, 3) uint8.
+        computation in fewer, larger launches (1: one window per call). output_type: "uint8" (T, height, width, 3)
+        or "float" (T, height, width, 3) in [0, 1].
         """
+        return np.concatenate(list(self.frames(
+            reference_image, pose_images, reference_pose, num_inference_steps, guidance_scale, context_frames,
+            context_overlap, generator, progress, width, height, decode_batch_size, eta, cache_pose_features,
+            window_batch, output_type)))
+
+    def frames(self, reference_image: np.ndarray, pose_images: Any, reference_pose: np.ndarray | None = None,
+               num_inference_steps: int = 25, guidance_scale: float = 3.5, context_frames: int | str = 16,
+               context_overlap: int = 4, generator: torch.Generator | None = None, progress: bool = True,
+               width: int | None = None, height: int | None = None, decode_batch_size: int = 8, eta: float = 0.0,
+               cache_pose_features: bool = True, window_batch: int = 1, output_type: str = "uint8",
+               ) -> Iterator[np.ndarray]:
+        """:meth:`__call__`, the frames yielded ``decode_batch_size`` at a time as the VAE decodes them."""
+        if output_type not in ("uint8", "float"):
+            raise AniPortraitError(f"output_type={output_type!r}: expected uint8 or float")
+        latents = self.denoise(reference_image, pose_images, reference_pose, num_inference_steps, guidance_scale,
+                               context_frames, context_overlap, generator, progress, width, height, eta,
+                               cache_pose_features, window_batch)
+        yield from self.decode(latents, decode_batch_size, output_type)
+
+    @torch.no_grad()
+    def denoise(self, reference_image: np.ndarray, pose_images: Any, reference_pose: np.ndarray | None = None,
+                num_inference_steps: int = 25, guidance_scale: float = 3.5, context_frames: int | str = 16,
+                context_overlap: int = 4, generator: torch.Generator | None = None, progress: bool = True,
+                width: int | None = None, height: int | None = None, eta: float = 0.0,
+                cache_pose_features: bool = True, window_batch: int = 1) -> torch.Tensor:
+        """The denoising loop of :meth:`__call__`: the final latents (1, 4, T, height / 8, width / 8)."""
         reference_image = self._check_image("reference_image", reference_image, 3)
-        pose_images = self._check_image("pose_images", pose_images, 4)
-        height = int(height or pose_images.shape[1])
-        width = int(width or pose_images.shape[2])
+        if isinstance(pose_images, (list, tuple)):
+            pose_images = np.asarray(pose_images)
+        num_frames = len(pose_images)
+        if num_frames < 1:
+            raise AniPortraitError("pose-to-video needs at least one pose image")
+
+        def fetch(indices: np.ndarray) -> np.ndarray:
+            return self._check_image("pose_images", pose_images[indices], 4)
+
+        if isinstance(pose_images, np.ndarray):
+            self._check_image("pose_images", pose_images, 4)
+        pose_size = fetch(np.array([0])).shape[1:3]
+        height, width = int(height or pose_size[0]), int(width or pose_size[1])
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise AniPortraitError(f"output size {width} x {height} must be a multiple of {self.vae_scale_factor} on "
                                    "both sides: pass width= and height= (e.g. 512), or resize the pose images")
-        num_frames = len(pose_images)
-        windows = context_windows(num_frames, context_frames, context_overlap)
-        blend = self._blend_weights(windows, num_frames, context_overlap)
-        guided = guidance_scale != 1.0
+        preset = self.preset
+        guided = guidance_scale > 1.0 if preset.guidance_above_one else guidance_scale != 1.0
+        schedule = context_schedule(preset.context_schedule, num_frames, context_frames, context_overlap, guided)
         device, unet_dtype = self.device, _module_dtype(self.denoising_unet)
+        latents_dtype = _module_dtype(self.image_encoder) if preset.latents_dtype == "image_encoder" else torch.float32
 
-        reference_image = self._resized(reference_image[None], height, width)[0]
-        pose = self._pose_tensor(self._resized(pose_images, height, width))  # (1, 3, T, H, W)
+        reference_pixels, clip_image = self._reference_inputs(reference_image, height, width)
         reference_pose_tensor = None
         if reference_pose is not None:
             reference_pose = self._check_image("reference_pose", reference_pose, 3)
-            reference_pose_tensor = self._pose_tensor(self._resized(reference_pose[None], height, width))[:, :, 0]
+            reference_pose_tensor = self._pose_tensor(reference_pose[None], height, width)[:, :, 0]
 
-        embeds = self._clip_embeds(reference_image)  # (1, 1, D)
+        embeds = self._clip_embeds(clip_image)  # (1, 1, D)
         if guided:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])  # (2, 1, D): [uncond; cond]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = randn_tensor((1, self.denoising_unet.config.in_channels, num_frames, height // self.vae_scale_factor,
-                                width // self.vae_scale_factor), generator=generator, device=device, dtype=torch.float32)
+                                width // self.vae_scale_factor), generator=generator, device=device, dtype=latents_dtype)
         latents = latents * self.scheduler.init_noise_sigma  # (1, 4, T, h, w)
         step_kwargs = self._step_kwargs(generator, eta)
 
-        def features(window: slice) -> list[torch.Tensor]:
-            return self.pose_guider(pose[:, :, window], reference_pose_tensor)  # 5 x (1, C, n, h, w)
+        def features(index: int) -> list[torch.Tensor]:
+            pose = self._pose_tensor(fetch(schedule.windows[index].numpy()), height, width)  # (1, 3, n, H, W)
+            return self.pose_guider(pose, reference_pose_tensor)  # 5 x (1, C, n, h, w)
 
-        cached = [features(window) for window in windows] if cache_pose_features else None
-        groups = self._window_groups(windows, window_batch)
+        cached = [features(index) for index in range(len(schedule))] if cache_pose_features else None
+        groups = self._window_groups(schedule, window_batch)
+        counts = schedule.counts(num_frames).to(device, latents_dtype).view(1, 1, -1, 1, 1)
         try:
-            self._write_reference(reference_image, embeds[-1:])
+            self._write_reference(reference_pixels, embeds, guided)
             for timestep in tqdm(self.scheduler.timesteps, desc="denoising", disable=not progress):
-                noise_pred = torch.zeros_like(latents)
+                noise_pred = latents.new_zeros((2 if guided else 1, *latents.shape[1:]))  # ([uncond;] cond, 4, T, h, w)
                 for group in groups:
-                    count, length = len(group), windows[group[0]].stop - windows[group[0]].start
-                    model_input = torch.cat([latents[:, :, windows[index]] for index in group])  # (k, 4, n, h, w)
+                    count, length = len(group), len(schedule.windows[group[0]])
+                    model_input = torch.cat([latents[:, :, schedule.windows[index]] for index in group])  # (k, 4, n, h, w)
                     pose_features = [torch.cat(parts) for parts in zip(*(
-                        cached[index] if cached else features(windows[index]) for index in group))]
+                        cached[index] if cached else features(index) for index in group))]
                     if guided:  # rows [uncond x k; cond x k]: both halves see the same latents and poses
                         model_input = torch.cat([model_input, model_input])
                         pose_features = [torch.cat([feature, feature]) for feature in pose_features]
@@ -361,26 +381,21 @@ class Pose2VideoPipeline:
                     prediction = self.denoising_unet(
                         self.scheduler.scale_model_input(model_input, timestep).to(unet_dtype), timestep,
                         embeds.repeat_interleave(count, dim=0).to(unet_dtype), pose_cond_fea=pose_features,
-                    ).sample.float()  # (k or 2k, 4, n, h, w)
-                    if guided:
-                        uncond, cond = prediction.chunk(2)
-                        prediction = uncond + guidance_scale * (cond - uncond)
+                    ).sample.to(latents_dtype)  # (k or 2k, 4, n, h, w)
                     for row, index in enumerate(group):
-                        noise_pred[:, :, windows[index]] += prediction[row : row + 1] * blend[index].to(device).view(
-                            1, 1, -1, 1, 1)
+                        window, window_prediction = schedule.windows[index], prediction[row::count]  # ([uncond;] cond)
+                        if schedule.weights is not None:
+                            window_prediction = window_prediction * schedule.weights[index].to(device).view(1, 1, -1, 1, 1)
+                        noise_pred[:, :, window] = noise_pred[:, :, window] + window_prediction
+                if schedule.average_by_count:
+                    noise_pred = noise_pred / counts
+                if guided:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
         finally:
             self.reference_control.clear()
-        return self._decode(latents, decode_batch_size)
-
-    @staticmethod
-    def _blend_weights(windows: list[slice], num_frames: int, context_overlap: int) -> list[torch.Tensor]:
-        """Per window, its frames' weights normalised so the weights of every frame sum to 1 over windows."""
-        raw = [window_weights(window.stop - window.start, context_overlap) for window in windows]
-        total = torch.zeros(num_frames)
-        for window, weights in zip(windows, raw):
-            total[window] += weights
-        return [weights / total[window] for window, weights in zip(windows, raw)]
+        return latents
 
     def _step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -391,43 +406,49 @@ class Pose2VideoPipeline:
             kwargs["generator"] = generator
         return kwargs
 
-    def _clip_embeds(self, reference_image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (1, 1, D) CLIP image embedding."""
-        pixels = self.clip_image_processor(images=reference_image, return_tensors="pt").pixel_values
+    def _clip_embeds(self, clip_image: Any) -> torch.Tensor:
+        """The reference for CLIP (PIL image or (H, W, 3) uint8) -> (1, 1, D) CLIP image embedding."""
+        pixels = self.clip_image_processor(images=clip_image, return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, _module_dtype(self.image_encoder))
         return self.image_encoder(pixels).image_embeds.unsqueeze(1)
 
     @staticmethod
-    def _window_groups(windows: list[slice], window_batch: int) -> list[list[int]]:
+    def _window_groups(schedule: ContextSchedule, window_batch: int) -> list[list[int]]:
         """Window indices in groups of at most ``window_batch`` windows of equal length (one UNet call each)."""
         if window_batch < 1:
             raise AniPortraitError(f"window_batch={window_batch}: need at least 1 window per UNet call")
         groups: list[list[int]] = []
-        for index, window in enumerate(windows):
-            length = window.stop - window.start
+        for index, window in enumerate(schedule.windows):
             last = groups[-1] if groups else None
-            if last and len(last) < window_batch and windows[last[0]].stop - windows[last[0]].start == length:
+            if last and len(last) < window_batch and len(schedule.windows[last[0]]) == len(window):
                 last.append(index)
             else:
                 groups.append([index])
         return groups
 
-    def _write_reference(self, reference_image: np.ndarray, cond_embeds: torch.Tensor) -> None:
-        """Fill the reference bank once (ReferenceNet at timestep 0 on the VAE mean); every UNet call reads it."""
-        image = torch.from_numpy(np.ascontiguousarray(reference_image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        image = image.to(self.device, _module_dtype(self.vae))
+    def _write_reference(self, reference_pixels: torch.Tensor, embeds: torch.Tensor, guided: bool) -> None:
+        """Fill the reference bank once (ReferenceNet at timestep 0 on the VAE mean); every UNet call reads it.
+        The official preset runs the ReferenceNet on the whole ``[uncond; cond]`` batch and keeps the conditional
+        half, in float16."""
+        image = reference_pixels.to(self.device, _module_dtype(self.vae))
         latents = self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor  # (1, 4, h, w)
+        if not (guided and self.preset.unconditional_reference_pass):
+            embeds = embeds[-1:]
         self.reference_control.write()
-        self.reference_unet(latents.to(_module_dtype(self.reference_unet)), 0,
-                            cond_embeds.to(_module_dtype(self.reference_unet)))
+        dtype = _module_dtype(self.reference_unet)
+        self.reference_unet(latents.repeat(len(embeds), 1, 1, 1).to(dtype), 0, embeds.to(dtype))
+        self.reference_control.keep_bank(samples=slice(-1, None), dtype=self.preset.reference_bank_dtype)
 
-    def _decode(self, latents: torch.Tensor, batch_size: int) -> np.ndarray:
-        """(1, 4, T, h, w) latents -> (T, H, W, 3) uint8, ``batch_size`` frames per VAE call."""
-        frames = latents[0].transpose(0, 1) / self.vae.config.scaling_factor  # (T, 4, h, w)
+    def decode(self, latents: torch.Tensor, batch_size: int = 8, output_type: str = "uint8") -> Iterator[np.ndarray]:
+        """(1, 4, T, h, w) latents -> (k, H, W, 3) frames, ``batch_size`` per VAE call: uint8 as the preset rounds, or
+        float in [0, 1]."""
+        frames = 1 / self.vae.config.scaling_factor * latents[0].transpose(0, 1)  # (T, 4, h, w)
         dtype = _module_dtype(self.vae)
-        decoded = []
         for start in range(0, len(frames), max(1, batch_size)):
-            images = self.vae.decode(frames[start : start + batch_size].to(dtype)).sample.float()  # (k, 3, H, W)
-            images = ((images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            decoded.append(images.permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(decoded)
+            with torch.no_grad():
+                images = self.vae.decode(frames[start : start + batch_size].to(dtype)).sample.float()  # (k, 3, H, W)
+            if output_type == "float":
+                images = (images / 2 + 0.5).clamp(0, 1)
+            else:
+                images = to_uint8(images, self.preset.frames_to_uint8)
+            yield images.permute(0, 2, 3, 1).cpu().numpy()

@@ -14,7 +14,7 @@ from aniportrait.face.drawing import draw_landmark_sequence
 from aniportrait.face.geometry import pose6_to_matrix, project_points
 from aniportrait.metrics.landmarks import mouth_opening
 
-__all__ = ["LandmarkPreviews", "ResumableRandomState"]
+__all__ = ["LandmarkPreviews", "ResumableRandomState", "ResumableModelCheckpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +114,25 @@ class ResumableRandomState(pl.Callback):
         name, keys, *rest = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         random.setstate(state["python"])
+
+
+
+class ResumableModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is where training stopped: at the end of every fit (so a finished stage
+    of a multi-stage run resumes as finished even when max_steps is no multiple of the checkpoint interval) and when
+    a SIGINT/SIGTERM stopped it (Lightning stops after a step, so that state is consistent)."""
+
+    def _save_last_here(self, trainer: pl.Trainer) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_last_here(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save_last_here(trainer)
+        else:
+            super().on_exception(trainer, pl_module, exception)

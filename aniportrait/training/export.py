@@ -5,28 +5,22 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import torch
-
+from aniportrait.bundle import BUNDLE_FILE, export_bundle
 from aniportrait.errors import AniPortraitError
+from aniportrait.models.checkpoints import read_training_checkpoint
+from aniportrait.utils.outputs import Overwrite, check_output_dir
 
 __all__ = ["export_from_lightning_checkpoint"]
 
 
-def export_from_lightning_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
-    """Rebuild the LightningModule a checkpoint came from, load its weights, and export its bundle."""
+def export_from_lightning_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Rebuild the LightningModule a checkpoint came from, load its weights, and export its bundle (an existing
+    bundle at ``out_dir`` is replaced only with ``overwrite``)."""
     checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise AniPortraitError(f"checkpoint not found: {checkpoint_path}")
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises several types for foreign or broken files
-        raise AniPortraitError(f"cannot read {checkpoint_path} as a weights-only Lightning checkpoint ({error})") from error
-    info = checkpoint.get("aniportrait") if isinstance(checkpoint, dict) else None
-    if not info or "module_class" not in info:
-        raise AniPortraitError(
-            f"{checkpoint_path} is not a checkpoint written by aniportrait training (no 'aniportrait' entry); "
-            "official release files are imported with `python -m aniportrait.bundle import-official`"
-        )
+    # the output first: refused before the checkpoint is read or any model is built
+    check_output_dir(out_dir, {"CKPT": checkpoint_path}, Overwrite(overwrite, "--force"), "bundle", BUNDLE_FILE)
+    checkpoint = read_training_checkpoint(checkpoint_path, key="CKPT")
+    info = checkpoint["aniportrait"]
     module_name, _, class_name = info["module_class"].rpartition(".")
     module_class = getattr(importlib.import_module(module_name), class_name)
     module = module_class(**checkpoint.get("hyper_parameters", {}))
@@ -35,5 +29,7 @@ def export_from_lightning_checkpoint(checkpoint_path: str | Path, out_dir: str |
     if missing or unexpected:
         raise AniPortraitError(f"{checkpoint_path}: weights do not fit {class_name}: missing {missing[:8]}, "
                                f"unexpected {unexpected[:8]}")
-    return module.export(out_dir, provenance={"checkpoint": str(checkpoint_path.resolve()),
-                                              "global_step": int(checkpoint.get("global_step", 0))})
+    components, state_dicts, settings, base_models = module.bundle_parts()
+    provenance = {"checkpoint": str(checkpoint_path.resolve()), "global_step": int(checkpoint.get("global_step", 0))}
+    return export_bundle(out_dir, components, settings=settings, base_models=base_models, provenance=provenance,
+                         state_dicts=state_dicts, overwrite=overwrite)

@@ -8,6 +8,7 @@ import torch
 
 from aniportrait.errors import AniPortraitError
 from aniportrait.models.video_backbone import VideoModels, build_video_models
+from aniportrait.pipelines.context import context_schedule
 from aniportrait.pipelines.pose2video import (
     Pose2VideoPipeline,
     build_scheduler,
@@ -73,10 +74,14 @@ def test_context_windows_cover_every_frame_and_blend_to_one():
     assert context_windows(10, 16, 4) == [slice(0, 10)]
     weights = window_weights(16, 4)
     assert weights.tolist() == [1, 2, 3, 4, 5] + [5] * 6 + [5, 4, 3, 2, 1]
+    schedule = context_schedule("blended", 40, 16, 4, guided=True)
+    assert [window.tolist() for window in schedule.windows] == [list(range(0, 16)), list(range(12, 28)),
+                                                               list(range(24, 40))]
     total = torch.zeros(40)
-    for window, blend in zip(context_windows(40, 16, 4), Pose2VideoPipeline._blend_weights(context_windows(40, 16, 4), 40, 4)):
+    for window, blend in zip(schedule.windows, schedule.weights):
         total[window] += blend
     torch.testing.assert_close(total, torch.ones(40))
+    assert not schedule.average_by_count
     with pytest.raises(AniPortraitError, match="context_overlap"):
         context_windows(40, 16, 16)
 

@@ -119,7 +119,7 @@ def write_clip(
         "audio_level_dbfs": None if clip_audio is None else round(audio_level_dbfs(clip_audio), 1),
         "warnings": list(segment.warnings),
     }
-    with atomic_dir(clip_dir(root, clip_id)) as folder:
+    with atomic_dir(clip_dir(root, clip_id), replace=True) as folder:  # a rerun redoes an unfinished source
         with VideoWriter(folder / "video.mp4", fps, crf=config.crf, preset=config.preset) as writer:
             if clip_audio is not None and config.mux_audio:
                 writer.set_audio(clip_audio)
