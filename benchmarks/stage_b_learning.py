@@ -47,6 +47,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from aniportrait.data.clip import Manifest
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED = Path(os.environ.get("ANIPORTRAIT_SHARED", REPO.parent / "shared"))
@@ -125,6 +127,7 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     overrides = [
         f"backbone={'tiny' if args.tiny else 'small'}", "model=all", "model.stages.audio.enabled=false",
         "data=clips", f"data.root={root}", f"trainer={'cpu' if args.tiny else 'gpu'}", "held_out_videos.num_frames=48",
+        "held_out_videos.num_videos=null", f"held_out_videos.num_inference_steps={args.steps}",
         "callbacks.model_checkpoint.save_top_k=0", "callbacks.progress_bar.refresh_rate=200", "logger=csv",
         f"backbone.video.learning_rate={args.lr}",
     ]
@@ -233,37 +236,56 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         if not root.is_dir():
             sys.exit(f"{root} is missing: run `python benchmarks/stage_b_learning.py prepare-real --out {root}` first")
     env = {"ANIPORTRAIT_LOGS": str(work / "logs"), "ANIPORTRAIT_DATA": str(work / "data")}
-    scored = {}
+    scored, coverage = {}, {}
+    test_clips = [record.id for record in Manifest.load(root).split("test")]
+    for variant in VARIANTS:
+        generated = work / "generated" / variant
+        coverage[variant] = sorted(path.stem for path in generated.glob("*.mp4")) if generated.is_dir() else []
+    # Variants are compared on the same clips: those every variant with any video has (all of them normally; fewer
+    # when generation on the GPU was cut short). A variant with none is reported as missing.
+    present = [clips for clips in coverage.values() if clips]
+    common = sorted(set.intersection(*map(set, present))) if present else []
     for variant in VARIANTS:
         out_dir = work / "scores" / variant
-        run([sys.executable, "evaluate.py", f"generated={work / 'generated' / variant}", "data=clips",
-             f"data.root={root}", "protocol=self_reenactment", "metrics.enabled=[ssim,psnr,landmarks]",
-             f"metrics.face_landmarker={LANDMARKER}", "metrics.download=false", f"output_dir={out_dir}",
-             "num_workers=2"], env, work / f"score_{variant}.log")
-        scored[variant] = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+        generated = work / "common" / variant
+        generated.mkdir(parents=True, exist_ok=True)
+        for clip in common if coverage[variant] else []:
+            os.link(work / "generated" / variant / f"{clip}.mp4", generated / f"{clip}.mp4")
+        if common and coverage[variant]:
+            run([sys.executable, "evaluate.py", f"generated={generated}", "data=clips", f"data.root={root}",
+                 "protocol=self_reenactment", "metrics.enabled=[ssim,psnr,landmarks]",
+                 f"metrics.face_landmarker={LANDMARKER}", "metrics.download=false", f"output_dir={out_dir}",
+                 "num_workers=2"], env, work / f"score_{variant}.log", check=False)
+        scored[variant] = (json.loads((out_dir / "metrics.json").read_text())["metrics"]
+                           if (out_dir / "metrics.json").is_file() else {})
+    sanity = next((scored[variant] for variant in VARIANTS if scored[variant]), {})  # the same clips in every row
     full = _row(scored["full"], "generated")
-    copy = _row(scored["full"], "copy_reference")
-    truth = _row(scored["full"], "ground_truth")
+    copy = _row(scored["full"] or sanity, "copy_reference")
+    truth = _row(scored["full"] or sanity, "ground_truth")
     ablations = {variant: _row(scored[variant], "generated") for variant in VARIANTS if variant != "full"}
 
     def ratio(a, b):
         return None if a is None or b in (None, 0) else a / b
 
+    def difference(a, b):
+        return None if a is None or b is None else a - b
+
     jitter_gap = {variant: None if row["mouth_jitter"] is None or truth["mouth_jitter"] is None
                   else abs(row["mouth_jitter"] - truth["mouth_jitter"])
                   for variant, row in {"full": full, "stage1_only": ablations["stage1_only"]}.items()}
     targets = {
-        "psnr_gain_over_copy_db": None if full["psnr"] is None else full["psnr"] - copy["psnr"],
-        "psnr_beats_copy_by_1db": None if full["psnr"] is None else full["psnr"] >= copy["psnr"] + 1.0,
+        "psnr_gain_over_copy_db": difference(full["psnr"], copy["psnr"]),
+        "psnr_beats_copy_by_1db": None if difference(full["psnr"], copy["psnr"]) is None
+        else difference(full["psnr"], copy["psnr"]) >= 1.0,
         "mouth_lmd_ratio_to_copy": ratio(full["mouth_lmd"], copy["mouth_lmd"]),
         "mouth_lmd_at_most_half_copy": None if ratio(full["mouth_lmd"], copy["mouth_lmd"]) is None
         else ratio(full["mouth_lmd"], copy["mouth_lmd"]) <= 0.5,
         "no_pose_guider_mouth_lmd_ratio": ratio(ablations["no_pose_guider"]["mouth_lmd"], full["mouth_lmd"]),
         "no_pose_guider_at_least_2x": None if ratio(ablations["no_pose_guider"]["mouth_lmd"], full["mouth_lmd"]) is None
         else ratio(ablations["no_pose_guider"]["mouth_lmd"], full["mouth_lmd"]) >= 2.0,
-        "no_reference_psnr_drop_db": None if full["psnr"] is None else full["psnr"] - ablations["no_reference"]["psnr"],
-        "no_reference_at_least_3db_lower": None if full["psnr"] is None
-        else full["psnr"] - ablations["no_reference"]["psnr"] >= 3.0,
+        "no_reference_psnr_drop_db": difference(full["psnr"], ablations["no_reference"]["psnr"]),
+        "no_reference_at_least_3db_lower": None if difference(full["psnr"], ablations["no_reference"]["psnr"]) is None
+        else difference(full["psnr"], ablations["no_reference"]["psnr"]) >= 3.0,
         "mouth_jitter_gap_to_ground_truth": jitter_gap,
         "stage2_jitter_closer_than_stage1": None if None in jitter_gap.values()
         else jitter_gap["full"] < jitter_gap["stage1_only"],
@@ -278,7 +300,8 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],
                      "sampling_steps": record["sampling_steps"]},
-        "clips_scored": len(json.loads((work / "scores" / "full" / "metrics.json").read_text()).get("clips", [])) // 3,
+        "complete": bool(common) and sorted(common) == sorted(test_clips) and all(coverage.values()),
+        "test_clips": test_clips, "clips_generated": coverage, "clips_compared": common,
         "end_of_training_metrics": record["final_metrics"], "_curves": curves, "_strips": sorted(
             str(path) for path in (work / "strips").glob("*.png")),
     }
@@ -305,7 +328,7 @@ def _plot_curves(results: dict[str, Any], path: Path) -> None:
                 window = max(1, len(values) // 20)
                 values = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1])
                           for i in range(len(values))]
-            axis.plot(steps, values, label=dataset)
+            axis.plot(steps, values, marker="o", markersize=3, label=dataset)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("step")
         axis.legend(fontsize=8)
@@ -319,7 +342,9 @@ def _strip(results: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     images = []
-    for result in results.values():
+    # The real sample clips show real people whose licence (shared/samples/MANIFEST.md) forbids republishing them or
+    # making likeness demos: only the synthetic strip is written into the repository.
+    for result in [results[name] for name in ("synthetic",) if name in results]:
         for strip in result["_strips"][:1]:
             image = cv2.imread(strip)
             scale = 128 / (image.shape[0] / 3)  # three rows
@@ -342,7 +367,7 @@ def score(args: argparse.Namespace) -> None:
         out = args.results
         out.parent.mkdir(parents=True, exist_ok=True)
         _plot_curves(results, out.with_name(out.stem + "_curves.png"))
-        _strip(results, out.with_name(out.stem + "_strip.jpg"))
+        _strip(results, out.with_name(out.stem + "_strip.png"))
     document = {
         "benchmark": "benchmarks/stage_b_learning.py", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "protocol": "evaluate.py protocol=self_reenactment on the test split: reference = the clip's first frame, "
@@ -350,6 +375,7 @@ def score(args: argparse.Namespace) -> None:
                     "landmarks: MediaPipe FaceLandmarker of generated and ground-truth frames (CPU, after the GPU run); "
                     "mouth_lmd / mouth_jitter in pixels of the 256 px frames",
         "scoring_machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "note": args.note,
         "datasets": {name: {key: value for key, value in result.items() if not key.startswith("_")}
                      for name, result in results.items()},
     }
@@ -389,6 +415,7 @@ def main() -> None:
     scoring = commands.add_parser("score", help="landmarks, targets, JSON, plots (CPU, MediaPipe)")
     scoring.add_argument("--pack", action="append", required=True, help="synthetic=PATH or real=PATH")
     scoring.add_argument("--results", type=Path, default=RESULTS / "stage_b_learning.json")
+    scoring.add_argument("--note", default=None, help="what the reader should know about this run")
     args = parser.parse_args()
     if args.command == "prepare-real":
         prepare_real(args.out, args.size)

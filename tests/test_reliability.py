@@ -104,7 +104,7 @@ def test_a_stopped_run_keeps_its_checkpoints_says_so_and_resumes_every_stage(int
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted by SIGTERM: kept ") and "video_stage1/last.ckpt (stage video_stage1, step" in last
-    assert "finished stages: audio" in last and last.endswith(f"to resume: python train.py resume={run}")
+    assert "finished stages: vae, audio" in last and last.endswith(f"to resume: python train.py resume={run}")
     assert not [path for path in run.rglob("*") if ".tmp" in path.name], "temporary files left behind"
     stopped_at = torch.load(run / "checkpoints" / "video_stage1" / "last.ckpt", weights_only=True)["global_step"]
     assert 2 <= stopped_at < 4
@@ -113,10 +113,11 @@ def test_a_stopped_run_keeps_its_checkpoints_says_so_and_resumes_every_stage(int
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == f"bundle: {run / 'bundle'}"
     output = resumed.stdout + resumed.stderr
-    assert f"Restored all states from the checkpoint at {run / 'checkpoints' / 'audio' / 'last.ckpt'}" in output
+    for stage in ("vae", "audio"):
+        assert f"Restored all states from the checkpoint at {run / 'checkpoints' / stage / 'last.ckpt'}" in output
     assert f"{run / 'checkpoints' / 'video_stage1' / 'last.ckpt'}" in output
     # trainer.max_steps=4 from the command line won over every stage's own max_steps (500 and 600 in model/all)
-    for stage in ("audio", "video_stage1"):
+    for stage in ("vae", "audio", "video_stage1"):
         assert torch.load(run / "checkpoints" / stage / "last.ckpt", weights_only=True)["global_step"] == 4, stage
     assert set(Bundle.open(run / "bundle").components) >= {"audio2mesh", "reference_unet", "pose_guider"}
     again = run_cli("train.py", f"resume={run}", env=env)

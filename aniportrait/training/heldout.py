@@ -45,8 +45,10 @@ def frame_strip(rows: Mapping[str, np.ndarray], columns: int = 6, height: int | 
             tiles = [cv2.resize(tile, (round(tile.shape[1] * height / tile.shape[0]), height), interpolation=cv2.INTER_AREA)
                      for tile in tiles]
         line = np.concatenate(tiles, axis=1).copy()
-        cv2.putText(line, name, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 2, cv2.LINE_AA)
-        cv2.putText(line, name, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        scale = min(0.4, tiles[0].shape[0] / 256)  # small tiles get small labels
+        origin = (3, 4 + round(20 * scale))
+        cv2.putText(line, name, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 2, cv2.LINE_AA)
+        cv2.putText(line, name, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
         lines.append(line)
     return np.concatenate(lines, axis=0)
 
