@@ -86,36 +86,22 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
     "projection_dim": 32,
 }
 _TINY_POSE_GUIDER = {"attention_num_heads": 2, "attention_head_dim": 16}
+# backbone=small: the tiny layout at twice its widths (the VAE at up to four times), 256 px frames
 SMALL_UNET_CONFIG: dict[str, Any] = {
+    **TINY_UNET_CONFIG,
     "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     "block_out_channels": (64, 128, 256, 256),
-    "layers_per_block": 1,
     "cross_attention_dim": 256,
     "attention_head_dim": 4,  # diffusers' legacy name: 4 heads per attention layer (head sizes 16..64)
-    "norm_num_groups": 32,
 }
-SMALL_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (64, 128, 256, 256),
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 256,
-}
+SMALL_VAE_CONFIG: dict[str, Any] = {**TINY_VAE_CONFIG, "block_out_channels": (64, 128, 256, 256), "sample_size": 256}
 SMALL_CLIP_CONFIG: dict[str, Any] = {
+    **TINY_CLIP_CONFIG,
     "hidden_size": 128,
     "intermediate_size": 512,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "image_size": 64,
-    "patch_size": 8,
     "projection_dim": 256,
 }
 _SMALL_POSE_GUIDER = {"attention_num_heads": 4, "attention_head_dim": 16}

@@ -30,6 +30,7 @@ from aniportrait.models.audio2mesh import Audio2Mesh
 from aniportrait.models.audio2pose import Audio2Pose
 from aniportrait.models.wav2vec2 import build_wav2vec2, wav2vec2_config_from_backbone
 from aniportrait.pipelines.landmarks import predict_poses_chunked
+from aniportrait.training.schedules import with_scheduler
 
 __all__ = ["AudioLandmarkModule"]
 
@@ -229,11 +230,7 @@ class AudioLandmarkModule(pl.LightningModule):
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = hydra.utils.instantiate(self.hparams.optimizer, params=parameters)
-        if not self.hparams.scheduler:
-            return optimizer
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler, optimizer=optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_scheduler(self.trainer, optimizer, self.hparams.scheduler)
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-__all__ = ["warmup_cosine", "warmup_constant"]
+__all__ = ["warmup_cosine", "warmup_constant", "with_scheduler"]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0):
@@ -26,3 +27,16 @@ def warmup_constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (step + 1) / warmup_steps if warmup_steps and step < warmup_steps else 1.0
     )
+
+
+def with_scheduler(trainer, optimizer: torch.optim.Optimizer, scheduler_config) -> Any:
+    """What ``configure_optimizers`` returns: ``optimizer`` alone, or with the step-wise schedule built from
+    ``scheduler_config`` (a ``_target_`` config of one of the schedules above; its ``total_steps`` is the trainer's
+    ``max_steps``, else the steps Lightning estimates for the run)."""
+    if not scheduler_config:
+        return optimizer
+    import hydra
+
+    total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+    scheduler = hydra.utils.instantiate(scheduler_config, optimizer=optimizer, total_steps=total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from aniportrait.bundle import export_bundle, load_vae
 from aniportrait.errors import AniPortraitError
 from aniportrait.models.video_backbone import RANDOM_BACKBONES, build_frozen_encoders
+from aniportrait.training.schedules import with_scheduler
 
 __all__ = ["VAEModule", "VAE_LOSS"]
 
@@ -189,12 +190,7 @@ class VAEModule(pl.LightningModule):
     def configure_optimizers(self):
         config = dict(self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "lr": 1.0e-4})
         optimizer = hydra.utils.instantiate(config, params=list(self.vae.parameters()))
-        if not self.hparams.scheduler:
-            return optimizer
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(
-            self.trainer.estimated_stepping_batches)
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler, optimizer=optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_scheduler(self.trainer, optimizer, self.hparams.scheduler)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [hydra.utils.instantiate(config) for config in (self.hparams.callbacks or {}).values() if config]

@@ -61,6 +61,7 @@ from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS
 from aniportrait.models.video_backbone import RANDOM_BACKBONES, build_video_models
 from aniportrait.pipelines.pose2video import INFERENCE_V2_SCHEDULER, Pose2VideoPipeline, build_scheduler
+from aniportrait.training.schedules import with_scheduler
 
 __all__ = ["VideoStage1Module", "VideoStage2Module", "ValidationVideos", "ParameterEMA",
            "OFFICIAL_TRAIN_NOISE_SCHEDULER", "OFFICIAL_LOSS", "OFFICIAL_OPTIMIZER", "DEFAULT_SAMPLING"]
@@ -490,12 +491,7 @@ class _VideoDiffusionModule(pl.LightningModule):
         if self._use_eight_bit_adam(config.get("_target_", "")):
             config["_target_"] = "bitsandbytes.optim.AdamW8bit"
         optimizer = hydra.utils.instantiate(config, params=[param for _, param in self._trainable_named_parameters()])
-        if not self.hparams.scheduler:
-            return optimizer
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(
-            self.trainer.estimated_stepping_batches)
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler, optimizer=optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_scheduler(self.trainer, optimizer, self.hparams.scheduler)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning refuses to clip before a fused optimizer (under fp16 such optimizers unscale internally).
