@@ -36,12 +36,17 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def full_bundle(tiny_dataset, tmp_path_factory) -> Path:
-    """`python train.py debug=fast data=synthetic_tiny`: stage A + stage-B stages 1 and 2 in one tiny bundle."""
+def full_run(tiny_dataset, tmp_path_factory) -> subprocess.CompletedProcess:
+    """`python train.py debug=fast data=synthetic_tiny` (the quickstart's stages, a few steps each), run once."""
     env = {"ANIPORTRAIT_DATA": str(tiny_dataset.parent), "ANIPORTRAIT_LOGS": str(tmp_path_factory.mktemp("logs"))}
-    result = run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Path(result.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
+    return run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
+
+
+@pytest.fixture(scope="session")
+def full_bundle(full_run) -> Path:
+    """The bundle of ``full_run``: the VAE, stage A and stage-B stages 1 and 2 in one tiny bundle."""
+    assert full_run.returncode == 0, full_run.stderr[-3000:]
+    return Path(full_run.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,14 @@
 """The main job: `python train.py` trains every stage and exports one bundle (here with debug=fast)."""
 
 import pytest
-from conftest import run_cli
 
 from aniportrait.bundle import Bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def test_default_run_trains_both_stages_into_one_bundle(tiny_dataset, tmp_path):
-    env = {"ANIPORTRAIT_DATA": str(tiny_dataset.parent), "ANIPORTRAIT_LOGS": str(tmp_path / "logs")}
-    result = run_cli("train.py", "debug=fast", "data=synthetic_tiny", env=env)
+def test_default_run_trains_both_stages_into_one_bundle(full_run):
+    result = full_run  # `python train.py debug=fast data=synthetic_tiny`, shared with the tests that use its bundle
     assert result.returncode == 0, result.stderr[-4000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("bundle: ")

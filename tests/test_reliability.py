@@ -84,7 +84,8 @@ def interrupted_run(env, tmp_path_factory) -> tuple[Path, subprocess.CompletedPr
     environment = {**os.environ, **env, "ANIPORTRAIT_LOGS": str(logs), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     command = [sys.executable, str(REPO / "train.py"), "data=synthetic_tiny", "~model.stages.video_stage2",
                "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-               "trainer.log_every_n_steps=1"]
+               "trainer.log_every_n_steps=1", "validation_video_overrides={num_videos: 1, num_frames: 4, "
+               "num_inference_steps: 2}", "held_out_videos.num_frames=4", "held_out_videos.num_inference_steps=2"]
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 300

@@ -230,7 +230,7 @@ class AudioLandmarkModule(pl.LightningModule):
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = hydra.utils.instantiate(self.hparams.optimizer, params=parameters)
-        return with_scheduler(self.trainer, optimizer, self.hparams.scheduler)
+        return with_scheduler(self, optimizer, self.hparams.scheduler)
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:

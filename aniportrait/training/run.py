@@ -45,10 +45,15 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig) and "_target_" in entry]
 
 
-def _module_config(stage_cfg: DictConfig) -> DictConfig:
-    """The LightningModule's config: the stage config minus the datamodule and trainer settings."""
+def _module_config(stage_cfg: DictConfig, video_overrides: DictConfig | None = None) -> DictConfig:
+    """The LightningModule's config: the stage config minus the datamodule and trainer settings, with
+    ``validation_video_overrides`` (e.g. debug=fast's) applied to its validation videos."""
     plain = OmegaConf.to_container(stage_cfg, resolve=True)
-    return OmegaConf.create({k: v for k, v in plain.items() if k not in _STAGE_KEYS})
+    module = {k: v for k, v in plain.items() if k not in _STAGE_KEYS}
+    videos = (module.get("callbacks") or {}).get("validation_videos")
+    if videos and video_overrides:
+        videos.update({k: v for k, v in OmegaConf.to_container(video_overrides, resolve=True).items() if v is not None})
+    return OmegaConf.create(module)
 
 
 def _stages(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -133,7 +138,8 @@ def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
 def _fit_stage(cfg: DictConfig, name: str, stage_cfg: DictConfig, source, output_dir: Path, multi: bool,
                previous: dict[str, pl.LightningModule]) -> tuple[pl.LightningModule, dict[str, float], pl.Trainer,
                                                                  pl.LightningDataModule]:
-    module = hydra.utils.instantiate(_module_config(stage_cfg), _recursive_=False)
+    module = hydra.utils.instantiate(_module_config(stage_cfg, cfg.get("validation_video_overrides")),
+                                     _recursive_=False)
     if previous and hasattr(module, "inherit"):  # e.g. the VAE of model=vae, stage 2's stage-1 weights
         module.inherit(previous)
     datamodule = hydra.utils.instantiate(stage_cfg.loader, source=source)

@@ -29,14 +29,15 @@ def warmup_constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     )
 
 
-def with_scheduler(trainer, optimizer: torch.optim.Optimizer, scheduler_config) -> Any:
-    """What ``configure_optimizers`` returns: ``optimizer`` alone, or with the step-wise schedule built from
-    ``scheduler_config`` (a ``_target_`` config of one of the schedules above; its ``total_steps`` is the trainer's
-    ``max_steps``, else the steps Lightning estimates for the run)."""
+def with_scheduler(module, optimizer: torch.optim.Optimizer, scheduler_config) -> Any:
+    """What a LightningModule's ``configure_optimizers`` returns: ``optimizer`` alone, or with the step-wise schedule
+    built from ``scheduler_config`` (a ``_target_`` config of one of the schedules above; its ``total_steps`` is the
+    module's trainer's ``max_steps``, else the steps Lightning estimates for the run)."""
     if not scheduler_config:
         return optimizer
     import hydra
 
+    trainer = module.trainer
     total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
     scheduler = hydra.utils.instantiate(scheduler_config, optimizer=optimizer, total_steps=total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

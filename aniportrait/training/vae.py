@@ -190,7 +190,7 @@ class VAEModule(pl.LightningModule):
     def configure_optimizers(self):
         config = dict(self.hparams.optimizer or {"_target_": "torch.optim.AdamW", "lr": 1.0e-4})
         optimizer = hydra.utils.instantiate(config, params=list(self.vae.parameters()))
-        return with_scheduler(self.trainer, optimizer, self.hparams.scheduler)
+        return with_scheduler(self, optimizer, self.hparams.scheduler)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [hydra.utils.instantiate(config) for config in (self.hparams.callbacks or {}).values() if config]

@@ -491,7 +491,7 @@ class _VideoDiffusionModule(pl.LightningModule):
         if self._use_eight_bit_adam(config.get("_target_", "")):
             config["_target_"] = "bitsandbytes.optim.AdamW8bit"
         optimizer = hydra.utils.instantiate(config, params=[param for _, param in self._trainable_named_parameters()])
-        return with_scheduler(self.trainer, optimizer, self.hparams.scheduler)
+        return with_scheduler(self, optimizer, self.hparams.scheduler)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning refuses to clip before a fused optimizer (under fp16 such optimizers unscale internally).

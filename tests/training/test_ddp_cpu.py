@@ -95,7 +95,7 @@ def test_shards_have_no_duplicates_and_drop_nothing(tiny_dataset):
 STAGE1 = ["model=video_stage1", "backbone=tiny", "data=synthetic_tiny", "model.optimizer._target_=torch.optim.SGD",
           "model.optimizer.lr=0.02", "~model.optimizer.betas", "~model.optimizer.eps", "+model.optimizer.momentum=0.9",
           "model.eight_bit_adam=false", "model.loss.uncond_ratio=0", "trainer.max_steps=3", "trainer.limit_val_batches=0",
-          "trainer.log_every_n_steps=1", "model.loader.num_workers=0", "model.loader.batch_size=2"]
+          "trainer.log_every_n_steps=1", "model.loader.num_workers=0", "model.loader.batch_size=2", "held_out_videos=null"]
 
 
 def test_stage1_ddp_matches_one_process_with_the_same_global_batch(env):
