@@ -43,6 +43,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     overrides = [
         f"backbone={'tiny' if args.tiny else 'small'}", "model=all", "model.stages.audio.enabled=false",
         "data=clips", f"data.root={root}", f"trainer={'cpu' if args.tiny else 'gpu'}", "held_out_videos.num_frames=48",
-        "held_out_videos.num_videos=null", f"held_out_videos.num_inference_steps={args.steps}",
+        f"held_out_videos.num_videos={args.heldout_videos}", f"held_out_videos.num_inference_steps={args.steps}",
         "callbacks.model_checkpoint.save_top_k=0", "callbacks.progress_bar.refresh_rate=200", "logger=csv",
         f"backbone.video.learning_rate={args.lr}",
     ]
@@ -144,7 +145,9 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     overrides += ["model.stages.video_stage2.gradient_checkpointing=false",
                   "model.stages.video_stage1.callbacks.validation_videos.num_videos=1",
                   "model.stages.video_stage2.callbacks.validation_videos.num_videos=1",
-                  "model.stages.vae.optimizer.lr=4e-4"]
+                  f"model.stages.vae.optimizer.lr={args.vae_lr}"]
+    if args.profile and not args.tiny:  # Lightning's per-hook wall times in train.log: loader- or step-bound
+        overrides += ["+model.stages.video_stage1.trainer.profiler=simple"]
     return overrides
 
 
@@ -164,41 +167,60 @@ def _csv_metrics(run_dir: Path) -> dict[str, list[dict[str, float]]]:
 
 
 def train_and_generate(args: argparse.Namespace) -> None:
+    """``--phase train`` trains and records the bundle in ``WORK/train_record.json``; ``--phase evaluate`` generates
+    the test clips of that bundle with every variant (side by side: generation is launch-bound) and writes the pack;
+    ``all`` (the default) does both. Two phases fit two device calls on a machine kept warm between them."""
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = {"ANIPORTRAIT_LOGS": str(work / "logs"), "ANIPORTRAIT_DATA": str(work / "data"), "PYTHONUNBUFFERED": "1"}
+    trained = work / "train_record.json"
+    if args.phase in ("all", "train"):
+        started = time.perf_counter()
+        root = _synthetic_root(work, args.tiny) if args.dataset == "synthetic" else args.data.resolve()
+        data_seconds = time.perf_counter() - started
+        stdout = run([sys.executable, "train.py", *_train_overrides(args, root)], env, work / "train.log",
+                     timeout=args.timeout)
+        bundle = Path(stdout.strip().splitlines()[-1].removeprefix("bundle: "))
+        trained.write_text(json.dumps({
+            "bundle": str(bundle), "root": str(root), "final": dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout)),
+            "seconds": {"data": round(data_seconds, 1), "train": round(time.perf_counter() - started - data_seconds, 1)},
+        }, indent=1))
+    if args.phase == "train":
+        return
+    if not trained.is_file():
+        sys.exit(f"{trained} is missing: run --phase train first (on the same machine, same --work)")
+    record_in = json.loads(trained.read_text())
+    bundle, root = Path(record_in["bundle"]), Path(record_in["root"])
     started = time.perf_counter()
-    root = _synthetic_root(work, args.tiny) if args.dataset == "synthetic" else args.data.resolve()
-    data_seconds = time.perf_counter() - started
-    stdout = run([sys.executable, "train.py", *_train_overrides(args, root)], env, work / "train.log",
-                 timeout=args.timeout)
-    train_seconds = time.perf_counter() - started - data_seconds
-    bundle = Path(stdout.strip().splitlines()[-1].removeprefix("bundle: "))
-    run_dir = bundle.parent
-    final = dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout))
-    evaluations = {}
-    for variant, ablate in VARIANTS.items():  # a failed variant is reported; the others still run
+
+    def evaluate(variant: str) -> tuple[str, dict[str, Any] | None]:
         out_dir = work / "eval" / variant
         run([sys.executable, "evaluate.py", f"bundle={bundle}", "data=clips", f"data.root={root}",
-             "protocol=self_reenactment", f"protocol.generation.ablate=[{','.join(ablate)}]",
+             "protocol=self_reenactment", f"protocol.generation.ablate=[{','.join(VARIANTS[variant])}]",
              f"protocol.generation.steps={args.steps}", "metrics.enabled=[ssim,psnr]", "metrics.download=false",
-             f"output_dir={out_dir}", "num_workers=2"], env, work / f"evaluate_{variant}.log",
-            timeout=args.eval_timeout, check=False)
-        if (out_dir / "metrics.json").is_file():
-            evaluations[variant] = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+             f"output_dir={out_dir}", "num_workers=2", "overwrite=true"], env, work / f"evaluate_{variant}.log",
+            timeout=args.eval_timeout, check=False)  # a failed variant is reported; the others still run
+        metrics = out_dir / "metrics.json"
+        return variant, json.loads(metrics.read_text())["metrics"] if metrics.is_file() else None
+
+    with ThreadPoolExecutor(max_workers=len(VARIANTS)) as pool:
+        evaluations = {variant: metrics for variant, metrics in pool.map(evaluate, VARIANTS) if metrics is not None}
+    run_dir = bundle.parent
     record = {
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny, "size": 64 if args.tiny else args.size,
-        "seconds": {"data": round(data_seconds, 1), "train": round(train_seconds, 1),
-                    "total": round(time.perf_counter() - started, 1)},
+        "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
+                    "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
         "budget_seconds": {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds,
                            "video_stage2": args.stage2_seconds},
         "batch": {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch},
-        "learning_rate": args.lr, "sampling_steps": args.steps, "final_metrics": {k: float(v) for k, v in final.items()},
+        "learning_rate": args.lr, "sampling_steps": args.steps,
+        "final_metrics": {k: float(v) for k, v in record_in["final"].items()},
         "curves": _csv_metrics(run_dir), "gpu_metrics": evaluations, "gpu": _gpu_name(),
     }
     (work / "record.json").write_text(json.dumps(record, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(args.out, "w:gz") as tar:
+    partial = args.out.with_name(args.out.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
         tar.add(work / "record.json", arcname="record.json")
         for variant in VARIANTS:
             if (work / "eval" / variant / "generated").is_dir():
@@ -206,6 +228,7 @@ def train_and_generate(args: argparse.Namespace) -> None:
         for strip in sorted(run_dir.glob("held_out_strip_*.png")):
             tar.add(strip, arcname=f"strips/{strip.name}")
         tar.add(work / "train.log", arcname="train.log")
+    partial.replace(args.out)
     print(f"pack: {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -397,6 +420,8 @@ def main() -> None:
     train.add_argument("--data", type=Path, help="the held-out real dataset (prepare-real)")
     train.add_argument("--work", type=Path, required=True)
     train.add_argument("--out", type=Path, required=True, help="the pack (.tar.gz) of what phase 3 scores")
+    train.add_argument("--phase", choices=["all", "train", "evaluate"], default="all",
+                       help="train only, generate with a bundle trained before (same --work), or both")
     train.add_argument("--tiny", action="store_true", help="backbone=tiny on the CPU for seconds (smoke test)")
     train.add_argument("--size", type=int, default=256)
     train.add_argument("--vae-seconds", type=float, default=60)
@@ -408,6 +433,10 @@ def main() -> None:
     train.add_argument("--stage1-batch", type=int, default=32)
     train.add_argument("--stage2-batch", type=int, default=4)
     train.add_argument("--lr", type=float, default=2e-4, help="stage 1 and 2 (the VAE: model/vae.yaml's 4e-4)")
+    train.add_argument("--vae-lr", type=float, default=4e-4)
+    train.add_argument("--heldout-videos", default="2", help="train.py's own held-out check (null: every test clip; "
+                       "the evaluate phase generates all of them anyway)")
+    train.add_argument("--profile", action="store_true", help="Lightning's simple profiler for stage 1")
     train.add_argument("--steps", type=int, default=25, help="DDIM steps of the generated test clips")
     train.add_argument("--workers", type=int, default=6, help="loader processes per stage")
     train.add_argument("--timeout", type=float, default=None, help="seconds train.py may run before it is stopped")

@@ -4,6 +4,8 @@
 # with the wheels the image lacks in .whl/site.tar.xz (an unpacked site-packages tree) and the held-out real
 # dataset in .device_carry/real256 (stage_b_learning.py prepare-real).
 #   bash benchmarks/stage_b_learning_gpu.sh [extra train arguments, e.g. --stage1-seconds 180]
+# PHASE=train / PHASE=evaluate split the work over two device calls (the work folder, .device_work/ in the
+# checkout, survives while the machine stays warm); the default PHASE=all does both in one call.
 set -u
 OUT=${OUT:-/tmp/stage_b_learning_out}; mkdir -p "$OUT"
 if [ -f .whl/site.tar.xz ]; then  # wheels unpacked (xz travels smaller than the wheels' zip)
@@ -14,12 +16,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # the checkout (scripts in benchmarks/), then the wheels
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-W=${WORK:-/tmp/stage_b_learning}
+W=${WORK:-$PWD/.device_work}
+PHASE=${PHASE:-all}
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-python3 benchmarks/stage_b_learning.py train --dataset synthetic --work "$W/synthetic" --out "$OUT/synthetic.tar.gz" "$@" \
-  > "$OUT/synthetic.log" 2>&1 &
+python3 benchmarks/stage_b_learning.py train --dataset synthetic --work "$W/synthetic" --out "$OUT/synthetic.tar.gz" --phase "$PHASE" \
+  "$@" > "$OUT/synthetic.log" 2>&1 &
 python3 benchmarks/stage_b_learning.py train --dataset real --data .device_carry/real256 --work "$W/real" \
-  --out "$OUT/real.tar.gz" "$@" > "$OUT/real.log" 2>&1 &
+  --out "$OUT/real.tar.gz" --phase "$PHASE" "$@" > "$OUT/real.log" 2>&1 &
 ( while sleep 20; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ps -eo pid,etimes,pcpu,rss,args --sort=-pcpu | grep -E "[p]ython3 .*(train|evaluate)\.py" | cut -c1-160 | head -4
   done ) > "$OUT/gpu_usage.log" 2>&1 &
