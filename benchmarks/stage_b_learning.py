@@ -56,6 +56,9 @@ SHARED = Path(os.environ.get("ANIPORTRAIT_SHARED", REPO.parent / "shared"))
 LANDMARKER = SHARED / "samples" / "models" / "face_landmarker_v2_with_blendshapes.task"
 VARIANTS: dict[str, list[str]] = {"full": [], "no_pose_guider": ["pose_guider"], "no_reference": ["reference"],
                                   "stage1_only": ["motion_modules"]}
+# Synthetic identities never trained on (another seed): with 6 training identities the UNet can recall a seen
+# identity's appearance from the CLIP embedding alone, so the reference-bank ablation is also run on these.
+UNSEEN_VARIANTS: dict[str, list[str]] = {"unseen_full": [], "unseen_no_reference": ["reference"]}
 SYNTHETIC = {"identities": 6, "clips_per_identity": 8, "clip_seconds": 4.0, "size": 256, "seed": 0}
 STAGES = ("vae", "video_stage1", "video_stage2")
 
@@ -108,10 +111,14 @@ def prepare_real(out: Path, size: int) -> None:
 # -- phase 2: train and generate (GPU) ----------------------------------------------------------------------
 
 
-def _synthetic_root(work: Path, tiny: bool) -> Path:
+def _synthetic_root(work: Path, tiny: bool, unseen: int = 0) -> Path:
+    """The synthetic dataset; ``unseen`` > 0: that many other identities (another seed), 3 clips each, the last
+    of each a test clip."""
     from aniportrait.data.sources import SyntheticSource
 
     spec = {**SYNTHETIC, **({"identities": 3, "clips_per_identity": 3, "clip_seconds": 1.5, "size": 64} if tiny else {})}
+    if unseen:
+        spec.update(identities=unseen, clips_per_identity=3, seed=spec["seed"] + 1)
     return SyntheticSource(root=str(work / "data"), workers=min(16, os.cpu_count() or 1), progress=False,
                            **spec).resolve()
 
@@ -193,18 +200,24 @@ def train_and_generate(args: argparse.Namespace) -> None:
     bundle, root = Path(record_in["bundle"]), Path(record_in["root"])
     started = time.perf_counter()
 
+    variants = {variant: (ablate, root) for variant, ablate in VARIANTS.items()}
+    if args.dataset == "synthetic" and args.unseen_identities:
+        unseen_root = _synthetic_root(work, args.tiny, unseen=args.unseen_identities)
+        variants.update({variant: (ablate, unseen_root) for variant, ablate in UNSEEN_VARIANTS.items()})
+
     def evaluate(variant: str) -> tuple[str, dict[str, Any] | None]:
         out_dir = work / "eval" / variant
-        run([sys.executable, "evaluate.py", f"bundle={bundle}", "data=clips", f"data.root={root}",
-             "protocol=self_reenactment", f"protocol.generation.ablate=[{','.join(VARIANTS[variant])}]",
+        ablate, data_root = variants[variant]
+        run([sys.executable, "evaluate.py", f"bundle={bundle}", "data=clips", f"data.root={data_root}",
+             "protocol=self_reenactment", f"protocol.generation.ablate=[{','.join(ablate)}]",
              f"protocol.generation.steps={args.steps}", "metrics.enabled=[ssim,psnr]", "metrics.download=false",
              f"output_dir={out_dir}", "num_workers=2", "overwrite=true"], env, work / f"evaluate_{variant}.log",
             timeout=args.eval_timeout, check=False)  # a failed variant is reported; the others still run
         metrics = out_dir / "metrics.json"
         return variant, json.loads(metrics.read_text())["metrics"] if metrics.is_file() else None
 
-    with ThreadPoolExecutor(max_workers=len(VARIANTS)) as pool:
-        evaluations = {variant: metrics for variant, metrics in pool.map(evaluate, VARIANTS) if metrics is not None}
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+        evaluations = {variant: metrics for variant, metrics in pool.map(evaluate, variants) if metrics is not None}
     run_dir = bundle.parent
     record = {
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny, "size": 64 if args.tiny else args.size,
@@ -313,12 +326,24 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         "stage2_jitter_closer_than_stage1": None if None in jitter_gap.values()
         else jitter_gap["full"] < jitter_gap["stage1_only"],
     }
+    unseen = {}
+    for variant in UNSEEN_VARIANTS:  # PSNR / SSIM as measured on the GPU (no landmarks needed for this check)
+        metrics = record["gpu_metrics"].get(variant)
+        if metrics:
+            unseen[variant.removeprefix("unseen_")] = {"psnr": metrics["generated"].get("psnr"),
+                                                       "ssim": metrics["generated"].get("ssim")}
+            unseen["copy_reference"] = {"psnr": metrics["copy_reference"].get("psnr"),
+                                        "ssim": metrics["copy_reference"].get("ssim")}
+    if {"full", "no_reference"} <= unseen.keys():
+        unseen["no_reference_psnr_drop_db"] = difference(unseen["full"]["psnr"], unseen["no_reference"]["psnr"])
+        unseen["psnr_gain_over_copy_db"] = difference(unseen["full"]["psnr"], unseen["copy_reference"]["psnr"])
     curves = record["curves"]
     training = {stage: {"steps": int(max((row.get("step", 0) for row in rows), default=0)) + 1,
                         "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
                 for stage, rows in curves.items()}
     return {
         **full, "copy_reference": copy, "ground_truth": truth, "ablations": ablations, "targets": targets,
+        **({"unseen_identities": unseen} if unseen else {}),
         "training": {"stages": training, "train_minutes": round(record["seconds"]["train"] / 60, 2),
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],
@@ -434,6 +459,8 @@ def main() -> None:
     train.add_argument("--stage2-batch", type=int, default=4)
     train.add_argument("--lr", type=float, default=2e-4, help="stage 1 and 2 (the VAE: model/vae.yaml's 4e-4)")
     train.add_argument("--vae-lr", type=float, default=4e-4)
+    train.add_argument("--unseen-identities", type=int, default=4,
+                       help="synthetic: also generate test clips of this many identities never trained on (0: none)")
     train.add_argument("--heldout-videos", default="2", help="train.py's own held-out check (null: every test clip; "
                        "the evaluate phase generates all of them anyway)")
     train.add_argument("--profile", action="store_true", help="Lightning's simple profiler for stage 1")

@@ -94,7 +94,11 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None =
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip where there is no CUDA device (CI)."""
+    """GPU tests skip where there is no CUDA device (CI). Under pytest-xdist (``-n 2 --dist loadgroup``, the
+    README's command) the tests of the session's debug=fast run share one worker, so it is trained once."""
+    for item in items:
+        if {"full_run", "full_bundle"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("full_run"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -128,6 +128,7 @@ print(json.dumps(peaks))
 """
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_ten_minutes_of_speech_stream_with_bounded_memory(tiny_bundle, clip_npz, tmp_path):
     """Ten minutes at 30 fps is 18,000 frames: held in memory their 128 x 128 pose images alone would take 880 MB
     more than three seconds do; streamed, only per-frame meshes, poses and landmarks grow (~20 KB a frame)."""

@@ -50,6 +50,7 @@ def test_multirun_sweep_runs_each_trial(env, tmp_path):
     assert rates == {1e-4, 3e-4}
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_optuna_sweep(env):
     result = run_cli("train.py", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "debug=fast", "data=synthetic_tiny", env=env)
     assert result.returncode == 0, result.stderr[-3000:]

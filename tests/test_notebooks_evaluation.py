@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "evaluation.ipynb"
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_evaluation_notebook_executes_and_shows_the_table(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -3,6 +3,8 @@ animates again with a custom audio processor."""
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import nbclient
@@ -12,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_quickstart_notebook_trains_animates_and_swaps_the_audio_processor(tmp_path, monkeypatch):
     monkeypatch.setenv("ANIPORTRAIT_NOTEBOOK_DIR", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -46,11 +46,16 @@ def test_batched_windows_equal_one_window_per_call(models):
     assert _psnr(batched, plain) > 45, _psnr(batched, plain)
 
 
-def test_channels_last_and_compile_keep_the_video(models):
+@pytest.mark.parametrize("optimize", [
+    {"channels_last": True},
+    pytest.param({"channels_last": True, "compile": {"backend": "aot_eager"}},
+                 marks=pytest.mark.slow, id="compile"),  # minutes of tracing on 2 cores: pytest -m slow
+])
+def test_channels_last_and_compile_keep_the_video(models, optimize):
     plain = _run(pipeline_of(models))
     fast_models = build_video_models({"kind": "tiny", "seed": 0})
     randomize_motion_modules(fast_models)
-    fast = pipeline_of(fast_models).optimize(channels_last=True, compile={"backend": "aot_eager"})
+    fast = pipeline_of(fast_models).optimize(**optimize)
     video = _run(fast, window_batch=8)
     assert _psnr(video, plain) >= 35, _psnr(video, plain)
 

@@ -98,6 +98,7 @@ STAGE1 = ["model=video_stage1", "backbone=tiny", "data=synthetic_tiny", "model.o
           "trainer.log_every_n_steps=1", "model.loader.num_workers=0", "model.loader.batch_size=2", "held_out_videos=null"]
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_stage1_ddp_matches_one_process_with_the_same_global_batch(env):
     one_dir, one = _train_stage1(env, "trainer.accumulate_grad_batches=2")
     two_dir, two = _train_stage1(env, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",

@@ -41,7 +41,8 @@ def plain():
 
 @pytest.mark.parametrize("performance,tolerance", [
     ({"channels_last": True}, 1e-4),
-    ({"compile": {"backend": "aot_eager", "dynamic": False}}, 1e-6),
+    pytest.param({"compile": {"backend": "aot_eager", "dynamic": False}}, 1e-6, marks=pytest.mark.slow,
+                 id="compile"),  # a minute of tracing on 2 cores: pytest -m slow
 ])
 def test_performance_switch_computes_the_same_step(plain, performance, tolerance):
     loss, gradients = _loss_and_gradients(performance)
