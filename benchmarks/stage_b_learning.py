@@ -153,8 +153,6 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
                   "model.stages.video_stage1.callbacks.validation_videos.num_videos=1",
                   "model.stages.video_stage2.callbacks.validation_videos.num_videos=1",
                   f"model.stages.vae.optimizer.lr={args.vae_lr}"]
-    if args.profile and not args.tiny:  # Lightning's per-hook wall times in train.log: loader- or step-bound
-        overrides += ["+model.stages.video_stage1.trainer.profiler=simple"]
     return overrides
 
 
@@ -433,6 +431,33 @@ def score(args: argparse.Namespace) -> None:
     print(f"results: {args.results}")
 
 
+def compare(args: argparse.Namespace) -> None:
+    """Add another run's GPU-side figures (PSNR / SSIM of every variant, steps, settings; no landmarks) to the
+    results as ``comparison_runs``: the same benchmark under other settings, next to the scored run."""
+    document = json.loads(args.results.read_text())
+    datasets = {}
+    for spec in args.pack:
+        name, _, pack = spec.partition("=")
+        if name not in ("synthetic", "real") or not pack:
+            sys.exit(f"--pack {spec!r}: expected synthetic=PATH or real=PATH")
+        with tarfile.open(pack) as tar:
+            record = json.load(tar.extractfile("record.json"))
+        rows = {variant: {method: metrics.get(method, {}) for method in ("generated", "copy_reference")}
+                for variant, metrics in record["gpu_metrics"].items()}
+        datasets[name] = {
+            "psnr_ssim": rows,
+            "steps": {stage: int(max((row.get("step", 0) for row in rows_), default=0)) + 1
+                      for stage, rows_ in record["curves"].items()},
+            "batch": record["batch"], "learning_rate": record["learning_rate"],
+            "budget_seconds": record["budget_seconds"], "seconds": record["seconds"], "gpu": record["gpu"],
+            "end_of_training_metrics": record["final_metrics"],
+        }
+    runs = [run_ for run_ in document.get("comparison_runs", []) if run_.get("label") != args.label]
+    document["comparison_runs"] = [*runs, {"label": args.label, "note": args.note, "datasets": datasets}]
+    args.results.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document["comparison_runs"][-1], indent=1)[:3000])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,7 +488,6 @@ def main() -> None:
                        help="synthetic: also generate test clips of this many identities never trained on (0: none)")
     train.add_argument("--heldout-videos", default="2", help="train.py's own held-out check (null: every test clip; "
                        "the evaluate phase generates all of them anyway)")
-    train.add_argument("--profile", action="store_true", help="Lightning's simple profiler for stage 1")
     train.add_argument("--steps", type=int, default=25, help="DDIM steps of the generated test clips")
     train.add_argument("--workers", type=int, default=6, help="loader processes per stage")
     train.add_argument("--timeout", type=float, default=None, help="seconds train.py may run before it is stopped")
@@ -472,8 +496,15 @@ def main() -> None:
     scoring.add_argument("--pack", action="append", required=True, help="synthetic=PATH or real=PATH")
     scoring.add_argument("--results", type=Path, default=RESULTS / "stage_b_learning.json")
     scoring.add_argument("--note", default=None, help="what the reader should know about this run")
+    comparing = commands.add_parser("compare", help="add another run's GPU-side PSNR / SSIM to the results")
+    comparing.add_argument("--pack", action="append", required=True, help="synthetic=PATH or real=PATH")
+    comparing.add_argument("--results", type=Path, default=RESULTS / "stage_b_learning.json")
+    comparing.add_argument("--label", required=True, help="the run's name in comparison_runs (replaced if there)")
+    comparing.add_argument("--note", default=None)
     args = parser.parse_args()
-    if args.command == "prepare-real":
+    if args.command == "compare":
+        compare(args)
+    elif args.command == "prepare-real":
         prepare_real(args.out, args.size)
     elif args.command == "train":
         if args.dataset == "real" and not args.data:
