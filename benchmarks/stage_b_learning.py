@@ -18,13 +18,16 @@ The GPU has no MediaPipe, so the work is split in two phases:
 
     # 1. here (CPU): the held-out real dataset, carried to the GPU machine (ignored folder .device_carry/)
     python benchmarks/stage_b_learning.py prepare-real --out .device_carry/real256
-    # 2. on the GPU: train + generate (both datasets side by side on one GPU fit one 10-minute call)
+    # 2. on the GPU: train, then generate (both datasets side by side on one GPU; --phase train and --phase
+    #    evaluate fit two 10-minute calls, benchmarks/stage_b_learning_gpu.sh runs both datasets)
     python benchmarks/stage_b_learning.py train --dataset synthetic --work $W/synthetic --out $OUT/synthetic.tar.gz &
     python benchmarks/stage_b_learning.py train --dataset real --data .device_carry/real256 --work $W/real \
         --out $OUT/real.tar.gz
     # 3. here (CPU): MediaPipe landmarks of every generated and ground-truth video (evaluate.py generated=DIR),
     #    the targets, benchmarks/results/stage_b_learning.json, its curves PNG and frame strips
     python benchmarks/stage_b_learning.py score --pack synthetic=synthetic.tar.gz --pack real=real.tar.gz
+    # another run's GPU-side PSNR / SSIM beside the scored one (comparison_runs in the JSON)
+    python benchmarks/stage_b_learning.py compare --label NAME --pack synthetic=... --pack real=...
 
 ``--tiny`` trains backbone=tiny for a few seconds per stage (a CPU smoke test of phases 2 and 3).
 """
