@@ -114,12 +114,14 @@ def prepare_real(out: Path, size: int) -> None:
 # -- phase 2: train and generate (GPU) ----------------------------------------------------------------------
 
 
-def _synthetic_root(work: Path, tiny: bool, unseen: int = 0) -> Path:
+def _synthetic_root(work: Path, tiny: bool, unseen: int = 0, identities: int | None = None) -> Path:
     """The synthetic dataset; ``unseen`` > 0: that many other identities (another seed), 3 clips each, the last
     of each a test clip."""
     from aniportrait.data.sources import SyntheticSource
 
     spec = {**SYNTHETIC, **({"identities": 3, "clips_per_identity": 3, "clip_seconds": 1.5, "size": 64} if tiny else {})}
+    if identities and not tiny:
+        spec["identities"] = identities
     if unseen:
         spec.update(identities=unseen, clips_per_identity=3, seed=spec["seed"] + 1)
     return SyntheticSource(root=str(work / "data"), workers=min(16, os.cpu_count() or 1), progress=False,
@@ -156,6 +158,8 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
                   "model.stages.video_stage1.callbacks.validation_videos.num_videos=1",
                   "model.stages.video_stage2.callbacks.validation_videos.num_videos=1",
                   f"model.stages.vae.optimizer.lr={args.vae_lr}"]
+    if args.profile and not args.tiny:  # Lightning's per-hook wall times in train.log: loader- or step-bound
+        overrides += ["+model.stages.video_stage1.trainer.profiler=simple"]
     return overrides
 
 
@@ -184,7 +188,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
     trained = work / "train_record.json"
     if args.phase in ("all", "train"):
         started = time.perf_counter()
-        root = _synthetic_root(work, args.tiny) if args.dataset == "synthetic" else args.data.resolve()
+        root = (_synthetic_root(work, args.tiny, identities=args.identities) if args.dataset == "synthetic"
+                else args.data.resolve())
         data_seconds = time.perf_counter() - started
         stdout = run([sys.executable, "train.py", *_train_overrides(args, root)], env, work / "train.log",
                      timeout=args.timeout)
@@ -221,7 +226,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
         evaluations = {variant: metrics for variant, metrics in pool.map(evaluate, variants) if metrics is not None}
     run_dir = bundle.parent
     record = {
-        "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny, "size": 64 if args.tiny else args.size,
+        "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny,
+        "identities": args.identities if args.dataset == "synthetic" else None, "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
         "budget_seconds": {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds,
@@ -267,7 +273,7 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         tar.extractall(work, filter="data")
     record = json.loads((work / "record.json").read_text())
     if name == "synthetic":
-        root = _synthetic_root(work, record["tiny"])
+        root = _synthetic_root(work, record["tiny"], identities=record.get("identities"))
     else:
         root = REPO / ".device_carry" / record["root_name"]
         if not root.is_dir():
@@ -491,6 +497,10 @@ def main() -> None:
                        help="synthetic: also generate test clips of this many identities never trained on (0: none)")
     train.add_argument("--heldout-videos", default="2", help="train.py's own held-out check (null: every test clip; "
                        "the evaluate phase generates all of them anyway)")
+    train.add_argument("--profile", action="store_true", help="Lightning's simple profiler for stage 1")
+    train.add_argument("--identities", type=int, default=SYNTHETIC["identities"],
+                       help="synthetic training identities (few: the UNet can memorise them instead of reading the "
+                            "reference; see the README's results)")
     train.add_argument("--steps", type=int, default=25, help="DDIM steps of the generated test clips")
     train.add_argument("--workers", type=int, default=6, help="loader processes per stage")
     train.add_argument("--timeout", type=float, default=None, help="seconds train.py may run before it is stopped")

@@ -64,3 +64,17 @@ def test_every_group_option_instantiates(group, option, tmp_path):
     elif group in ("logger", "callbacks"):
         objects = [hydra.utils.instantiate(entry) for entry in cfg[group].values() if "_target_" in entry]
         assert objects
+
+
+def test_a_stage_may_set_any_trainer_argument(tmp_path):
+    """``+model.stages.<stage>.trainer.<key>`` reaches that stage's Trainer even when the trainer group lacks the key;
+    the other stages keep the group's settings."""
+    from aniportrait.training.run import _stage_trainer
+
+    cfg = _compose("train", ["model=all", "+model.stages.video_stage1.trainer.profiler=simple",
+                             "model.stages.vae.trainer.max_steps=7"], tmp_path)
+    stage1 = _stage_trainer(cfg, cfg.model.stages.video_stage1)
+    vae = _stage_trainer(cfg, cfg.model.stages.vae)
+    assert stage1.profiler == "simple" and "profiler" not in vae
+    assert vae.max_steps == 7 and stage1.max_steps == cfg.model.stages.video_stage1.trainer.get(
+        "max_steps", cfg.trainer.max_steps)

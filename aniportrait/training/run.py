@@ -101,8 +101,10 @@ def _command_line_trainer(cfg: DictConfig) -> DictConfig:
 
 
 def _stage_trainer(cfg: DictConfig, stage_cfg: DictConfig) -> DictConfig:
-    """A stage's trainer settings: the trainer group, the stage's own, trainer_overrides, the command line's."""
-    return OmegaConf.merge(cfg.trainer, stage_cfg.get("trainer") or {}, cfg.get("trainer_overrides") or {},
+    """A stage's trainer settings: the trainer group, the stage's own, trainer_overrides, the command line's. A stage
+    may set any Trainer argument (``+model.stages.video_stage1.trainer.profiler=simple``), not only the group's."""
+    base = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))  # not struct: stage keys may be new
+    return OmegaConf.merge(base, stage_cfg.get("trainer") or {}, cfg.get("trainer_overrides") or {},
                            _command_line_trainer(cfg))
 
 
