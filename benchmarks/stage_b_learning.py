@@ -216,7 +216,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
         ablate, data_root = variants[variant]
         run([sys.executable, "evaluate.py", f"bundle={bundle}", "data=clips", f"data.root={data_root}",
              "protocol=self_reenactment", f"protocol.generation.ablate=[{','.join(ablate)}]",
-             f"protocol.generation.steps={args.steps}", "metrics.enabled=[ssim,psnr]", "metrics.download=false",
+             f"protocol.generation.steps={args.steps}", f"protocol.clips={args.test_clips or 'null'}",
+             "metrics.enabled=[ssim,psnr]", "metrics.download=false",
              f"output_dir={out_dir}", "num_workers=2", "overwrite=true"], env, work / f"evaluate_{variant}.log",
             timeout=args.eval_timeout, check=False)  # a failed variant is reported; the others still run
         metrics = out_dir / "metrics.json"
@@ -227,7 +228,7 @@ def train_and_generate(args: argparse.Namespace) -> None:
     run_dir = bundle.parent
     record = {
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny,
-        "identities": args.identities if args.dataset == "synthetic" else None, "size": 64 if args.tiny else args.size,
+        "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips, "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
         "budget_seconds": {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds,
@@ -280,7 +281,9 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
             sys.exit(f"{root} is missing: run `python benchmarks/stage_b_learning.py prepare-real --out {root}` first")
     env = {"ANIPORTRAIT_LOGS": str(work / "logs"), "ANIPORTRAIT_DATA": str(work / "data")}
     scored, coverage = {}, {}
-    test_clips = [record.id for record in Manifest.load(root).split("test")]
+    test_clips = [clip.id for clip in Manifest.load(root).split("test")]
+    if record.get("test_clips_limit"):  # protocol.clips drew these on the GPU: the full model's are the test set
+        test_clips = sorted(path.stem for path in (work / "generated" / "full").glob("*.mp4"))
     for variant in VARIANTS:
         generated = work / "generated" / variant
         coverage[variant] = sorted(path.stem for path in generated.glob("*.mp4")) if generated.is_dir() else []
@@ -296,7 +299,8 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
             os.link(work / "generated" / variant / f"{clip}.mp4", generated / f"{clip}.mp4")
         if common and coverage[variant]:
             run([sys.executable, "evaluate.py", f"generated={generated}", "data=clips", f"data.root={root}",
-                 "protocol=self_reenactment", "metrics.enabled=[ssim,psnr,landmarks]",
+                 "protocol=self_reenactment", f"protocol.clips={record.get('test_clips_limit') or 'null'}",
+                 "metrics.enabled=[ssim,psnr,landmarks]",
                  f"metrics.face_landmarker={LANDMARKER}", "metrics.download=false", f"output_dir={out_dir}",
                  "num_workers=2"], env, work / f"score_{variant}.log", check=False)
         scored[variant] = (json.loads((out_dir / "metrics.json").read_text())["metrics"]
@@ -501,6 +505,8 @@ def main() -> None:
     train.add_argument("--identities", type=int, default=SYNTHETIC["identities"],
                        help="synthetic training identities (few: the UNet can memorise them instead of reading the "
                             "reference; see the README's results)")
+    train.add_argument("--test-clips", type=int, default=None,
+                       help="generate this many test clips per variant (protocol.clips; default: every one)")
     train.add_argument("--steps", type=int, default=25, help="DDIM steps of the generated test clips")
     train.add_argument("--workers", type=int, default=6, help="loader processes per stage")
     train.add_argument("--timeout", type=float, default=None, help="seconds train.py may run before it is stopped")
