@@ -194,10 +194,10 @@ def train_and_generate(args: argparse.Namespace) -> None:
         stdout = run([sys.executable, "train.py", *_train_overrides(args, root)], env, work / "train.log",
                      timeout=args.timeout)
         bundle = Path(stdout.strip().splitlines()[-1].removeprefix("bundle: "))
-        trained.write_text(json.dumps({
-            "bundle": str(bundle), "root": str(root), "final": dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout)),
-            "seconds": {"data": round(data_seconds, 1), "train": round(time.perf_counter() - started - data_seconds, 1)},
-        }, indent=1))
+        final = dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout))  # train.py's closing table
+        train_seconds = time.perf_counter() - started - data_seconds
+        trained.write_text(json.dumps({"bundle": str(bundle), "root": str(root), "final": final, "seconds": {
+            "data": round(data_seconds, 1), "train": round(train_seconds, 1)}}, indent=1))
     if args.phase == "train":
         return
     if not trained.is_file():
@@ -228,7 +228,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
     run_dir = bundle.parent
     record = {
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny,
-        "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips, "size": 64 if args.tiny else args.size,
+        "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips,
+        "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
         "budget_seconds": {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds,
@@ -349,9 +350,8 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         unseen["no_reference_psnr_drop_db"] = difference(unseen["full"]["psnr"], unseen["no_reference"]["psnr"])
         unseen["psnr_gain_over_copy_db"] = difference(unseen["full"]["psnr"], unseen["copy_reference"]["psnr"])
     curves = record["curves"]
-    training = {stage: {"steps": int(max((row.get("step", 0) for row in rows), default=0)) + 1,
-                        "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
-                for stage, rows in curves.items()}
+    training = {stage: {"steps": steps, "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
+                for stage, steps in _stage_steps(curves).items()}
     return {
         **full, "copy_reference": copy, "ground_truth": truth, "ablations": ablations, "targets": targets,
         **({"unseen_identities": unseen} if unseen else {}),
@@ -415,14 +415,27 @@ def _strip(results: dict[str, Any], path: Path) -> None:
         cv2.imwrite(str(path), np.concatenate(images))
 
 
+def _packs(specs: list[str]) -> list[tuple[str, Path]]:
+    """``--pack synthetic=PATH`` / ``real=PATH`` arguments as (dataset, path)."""
+    packs = []
+    for spec in specs:
+        name, _, pack = spec.partition("=")
+        if name not in ("synthetic", "real") or not pack:
+            sys.exit(f"--pack {spec!r}: expected synthetic=PATH or real=PATH")
+        packs.append((name, Path(pack)))
+    return packs
+
+
+def _stage_steps(curves: dict[str, list[dict[str, float]]]) -> dict[str, int]:
+    """Steps each stage trained, from its logged rows."""
+    return {stage: int(max((row.get("step", 0) for row in rows), default=0)) + 1 for stage, rows in curves.items()}
+
+
 def score(args: argparse.Namespace) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for spec in args.pack:
-            name, _, pack = spec.partition("=")
-            if name not in ("synthetic", "real") or not pack:
-                sys.exit(f"--pack {spec!r}: expected synthetic=PATH or real=PATH")
-            results[name] = _score_dataset(name, Path(pack), Path(scratch) / name)
+        for name, pack in _packs(args.pack):
+            results[name] = _score_dataset(name, pack, Path(scratch) / name)
         out = args.results
         out.parent.mkdir(parents=True, exist_ok=True)
         _plot_curves(results, out.with_name(out.stem + "_curves.png"))
@@ -449,18 +462,14 @@ def compare(args: argparse.Namespace) -> None:
     results as ``comparison_runs``: the same benchmark under other settings, next to the scored run."""
     document = json.loads(args.results.read_text())
     datasets = {}
-    for spec in args.pack:
-        name, _, pack = spec.partition("=")
-        if name not in ("synthetic", "real") or not pack:
-            sys.exit(f"--pack {spec!r}: expected synthetic=PATH or real=PATH")
+    for name, pack in _packs(args.pack):
         with tarfile.open(pack) as tar:
             record = json.load(tar.extractfile("record.json"))
         rows = {variant: {method: metrics.get(method, {}) for method in ("generated", "copy_reference")}
                 for variant, metrics in record["gpu_metrics"].items()}
         datasets[name] = {
             "psnr_ssim": rows,
-            "steps": {stage: int(max((row.get("step", 0) for row in rows_), default=0)) + 1
-                      for stage, rows_ in record["curves"].items()},
+            "steps": _stage_steps(record["curves"]),
             "batch": record["batch"], "learning_rate": record["learning_rate"],
             "budget_seconds": record["budget_seconds"], "seconds": record["seconds"], "gpu": record["gpu"],
             "end_of_training_metrics": record["final_metrics"],
