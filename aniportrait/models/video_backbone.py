@@ -19,6 +19,9 @@ key layout) at reduced widths and depth, randomly initialised (seeded), with no 
   4-layer CLIP vision tower on 64 px images; 256 x 256 frames (128 works too). Learns in minutes on one GPU
   (benchmarks/stage_b_learning.py).
 
+In both, the ReferenceNet and the denoising UNet start from one random 2-D UNet (the same weights), as both start
+from SD-1.5 in the official training.
+
 Both VAEs downsample by 8, as SD's, so the PoseGuider's features fit as with SD-1.5. A random VAE reconstructs
 nothing, so these backbones get theirs from ``model=vae`` (:mod:`aniportrait.training.vae`, run first by
 ``model=all``): the config key ``vae`` names the trained one (a bundle folder with a ``vae`` component, or a
@@ -41,12 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.models.checkpoints import load_state_dict_checked
 from aniportrait.models.pose_guider import PoseGuider
-from aniportrait.models.reference_unet import ReferenceNet
+from aniportrait.models.reference_unet import SD_OUTPUT_HEAD, ReferenceNet
 from aniportrait.models.unet3d import UNet3DConditionModel
 
 __all__ = ["VideoModels", "build_video_models", "build_frozen_encoders", "RANDOM_BACKBONES",
@@ -201,9 +205,16 @@ def _build_random(backbone: Mapping[str, Any], use_motion_module: bool,
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
         torch.manual_seed(int(backbone.get("seed", 0)))
         random_vae, image_encoder = _seeded_encoders(configs)
+        # One random 2-D UNet plays SD-1.5's: both UNets start from it, as both start from SD-1.5 in the official
+        # training. At the first step the ReferenceNet's tokens then live in the denoising UNet's own feature space,
+        # so reference attention can match a target's features to the reference's; two independent draws would
+        # leave that path to be learned from nothing (and memorising appearance in the weights is cheaper).
+        base = UNet2DConditionModel(**configs.unet)
         reference_unet = ReferenceNet(**configs.unet)
-        denoising_unet = UNet3DConditionModel.from_unet2d_config(
-            configs.unet, motion_module_kwargs, use_motion_module=use_motion_module)
+        load_state_dict_checked(reference_unet, base.state_dict(), "ReferenceNet (the backbone's 2-D UNet)",
+                                allow_unexpected=SD_OUTPUT_HEAD)
+        denoising_unet = UNet3DConditionModel.from_unet2d(base, motion_module_kwargs,
+                                                           use_motion_module=use_motion_module)
         pose_guider = PoseGuider(noise_latent_channels=configs.unet["block_out_channels"][0],
                                  **{**configs.pose_guider, **(pose_guider_kwargs or {})})
     return VideoModels(vae if vae is not None else random_vae, image_encoder.eval(), _clip_processor(configs),

@@ -501,6 +501,22 @@ def test_load_state_dict_checked_lists_problems_and_leaves_module_unchanged(tmp_
         read_checkpoint(tmp_path / "absent.pth")
 
 
+@pytest.mark.parametrize("kind", ["tiny", "small"])
+def test_random_backbones_start_both_unets_from_one_2d_unet(kind):
+    """As both official UNets start from SD-1.5: the same 2-D weights, the stage-2 motion modules aside."""
+    for use_motion_module in (False, True):
+        models = build_video_models({"kind": kind, "seed": 3}, use_motion_module=use_motion_module)
+        reference = models.reference_unet.state_dict()
+        denoising = models.denoising_unet.state_dict()
+        assert set(reference) <= set(denoising)
+        for key, value in reference.items():
+            assert torch.equal(value, denoising[key]), key
+        extra = {key.split(".")[0] for key in set(denoising) - set(reference) if ".motion_modules." not in key}
+        assert extra == {"conv_norm_out", "conv_out"}  # the output head the ReferenceNet has no use for
+    other = build_video_models({"kind": kind, "seed": 4}, use_motion_module=False)
+    assert not torch.equal(other.reference_unet.conv_in.weight, models.reference_unet.conv_in.weight)
+
+
 def test_tiny_backbone_runs_stage_b_end_to_end():
     models = build_video_models({"kind": "tiny", "seed": 0})
     again = build_video_models({"kind": "tiny", "seed": 0}, use_motion_module=False)
