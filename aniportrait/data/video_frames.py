@@ -16,8 +16,12 @@ apart) and a reference frame drawn at random from the same clip, as the official
 Pose images are drawn from the clip's ``lmks`` with :func:`aniportrait.face.drawing.draw_landmarks` at the
 output size and scaled by ``pose_scaling`` ("unit", [-1, 1], as official training feeds them).
 Augmentation (training only): one random crop of ``crop_scale`` times the largest crop with the output's aspect
-ratio, shared by the targets, their poses and the reference (landmarks are mapped through the same crop), and an
-optional horizontal flip (off by default: a flipped pose image shows the left-eye colour on the right).
+ratio, shared by the targets, their poses and the reference (landmarks are mapped through the same crop), an
+optional horizontal flip (off by default: a flipped pose image shows the left-eye colour on the right), and an
+optional colour jitter (``color_jitter``: brightness, contrast, saturation, hue, as torchvision's ColorJitter) drawn
+once per sample and applied alike to the targets, the reference and its CLIP pixels, never to the pose images. With
+few identities it keeps the model from memorising their colours: the colours of the target can then only come from
+the reference, so the reference path has to learn (benchmarks/stage_b_learning.py).
 
 Every sample is a pure function of ``(seed, index)``, so the same index always gives the same sample, runs are
 reproducible, and ranks that draw disjoint indices shard cleanly. :class:`ResumableBatchLoader` numbers the
@@ -70,6 +74,7 @@ class FrameSettings:
     pose_scaling: str = "unit"
     crop_scale: tuple[float, float] = (1.0, 1.0)
     horizontal_flip: float = 0.0
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
 
     def __post_init__(self) -> None:
         if self.n_sample_frames < 1:
@@ -86,6 +91,10 @@ class FrameSettings:
             raise AniPortraitError(f"crop_scale={list(self.crop_scale)}: expected [min, max] with 0 < min <= max <= 1")
         if not 0.0 <= self.horizontal_flip <= 1.0:
             raise AniPortraitError(f"horizontal_flip={self.horizontal_flip}: a probability in [0, 1]")
+        jitter = self.color_jitter
+        if len(jitter) != 4 or min(jitter) < 0 or max(jitter[:3]) >= 1 or jitter[3] > 0.5:
+            raise AniPortraitError(f"color_jitter={list(jitter)}: expected [brightness, contrast, saturation, hue], "
+                                   "the first three in [0, 1) (factors drawn from [1 - v, 1 + v]) and hue in [0, 0.5]")
 
     @property
     def min_clip_frames(self) -> int:
@@ -102,6 +111,7 @@ class _Draw:
     reference_frame: int
     crop_draw: np.ndarray | None  # 3 uniforms (scale, y, x) of a random crop; None = centred, largest
     flip: bool
+    color: np.ndarray | None = None  # (brightness, contrast, saturation factors, hue shift); None = unchanged
 
 
 class VideoFrameDataset(Dataset):
@@ -109,7 +119,7 @@ class VideoFrameDataset(Dataset):
 
     ``random_clips``: each index draws its clip at random (training; ``length`` samples per epoch, but any
     non-negative index is valid); otherwise index ``i`` uses clip ``i % clips`` (validation: a fixed set).
-    ``augment`` switches the random crop and flip on.
+    ``augment`` switches the random crop, flip and colour jitter on.
     """
 
     def __init__(self, root: str | Path, records: Sequence[ClipRecord], settings: FrameSettings,
@@ -175,7 +185,8 @@ class VideoFrameDataset(Dataset):
                 )
             return lmks, valid.astype(bool)
 
-        return self._cached(self._landmarks, clip_index, load)
+        # landmarks are small: keep those of every clip whose frames are cached (else they are re-read per sample)
+        return self._cached(self._landmarks, clip_index, load, size=max(self._cache_size, self.frame_cache_clips))
 
     def read_frames(self, clip_index: int, indices: np.ndarray) -> np.ndarray:
         """RGB uint8 frames (n, h, w, 3) of the clip; one decode pass over the sorted unique indices (or the whole
@@ -236,7 +247,12 @@ class VideoFrameDataset(Dataset):
         crop_draw, flip_draw = rng.random(3), rng.random()  # drawn even when unused: the other draws stay put
         crops = self.augment and settings.crop_scale != (1.0, 1.0)
         flip = self.augment and flip_draw < settings.horizontal_flip
-        return _Draw(clip_index, frame_indices.astype(np.int64), reference_frame, crop_draw if crops else None, flip)
+        color = None
+        if self.augment and any(settings.color_jitter):
+            spread = np.asarray(settings.color_jitter)
+            color = np.concatenate([1.0 + spread[:3] * rng.uniform(-1, 1, 3), spread[3:] * rng.uniform(-1, 1, 1)])
+        return _Draw(clip_index, frame_indices.astype(np.int64), reference_frame, crop_draw if crops else None, flip,
+                     color)
 
     def _largest_crop(self, source_height: int, source_width: int) -> tuple[float, float]:
         """(height, width) of the largest crop with the output's aspect ratio."""
@@ -270,6 +286,25 @@ class VideoFrameDataset(Dataset):
         interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         return np.stack([cv2.resize(crop, size, interpolation=interpolation) for crop in crops])
 
+    @staticmethod
+    def _jitter(images: np.ndarray, color: np.ndarray) -> np.ndarray:
+        """(n, H, W, 3) uint8 RGB through one colour change: brightness, contrast (about each image's mean grey),
+        saturation factors, then a hue shift (a fraction of the colour wheel), as torchvision's ColorJitter."""
+        brightness, contrast, saturation, hue = color
+        luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        out = np.clip(images.astype(np.float32) * brightness, 0, 255)  # each step clamped, as torchvision
+        mean = (out @ luma).mean(axis=(1, 2))[:, None, None, None]
+        out = np.clip((out - mean) * contrast + mean, 0, 255)
+        grey = (out @ luma)[..., None]
+        out = np.rint(np.clip(grey + (out - grey) * saturation, 0, 255)).astype(np.uint8)
+        if hue:
+            shift = int(round(hue * 180))  # OpenCV's 8-bit hue runs 0..179
+            for index, image in enumerate(out):
+                hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+                hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+                out[index] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        return out
+
     def _poses(self, lmks: np.ndarray, box: tuple[int, int, int, int], source_size: tuple[int, int]) -> np.ndarray:
         """Pose images (n, H, W, 3) uint8 of normalised landmarks (n, 478, 3), seen through the crop ``box``."""
         y0, x0, height, width = box
@@ -289,6 +324,8 @@ class VideoFrameDataset(Dataset):
         images = self._images(frames, box)  # (f + 1, H, W, 3)
         if draw.flip:
             images = images[:, :, ::-1]
+        if draw.color is not None:
+            images = self._jitter(np.ascontiguousarray(images), draw.color)
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         sample = {
             "pixel_values": pixels[:-1],
@@ -388,7 +425,8 @@ class VideoFrameDataModule(pl.LightningDataModule):
 
     def __init__(self, source, n_sample_frames: int = 1, sample_rate: int | Sequence[int] = 1, width: int = 512,
                  height: int = 512, pose_scaling: str = "unit", clip_image_processor: Mapping[str, Any] | None = None,
-                 crop_scale: Sequence[float] = (1.0, 1.0), horizontal_flip: float = 0.0, batch_size: int = 2,
+                 crop_scale: Sequence[float] = (1.0, 1.0), horizontal_flip: float = 0.0,
+                 color_jitter: Sequence[float] | None = None, batch_size: int = 2,
                  eval_batch_size: int = 2, num_workers: int = 4, pin_memory: bool | None = None,
                  samples_per_epoch: int = 100_000, seed: int = 0, frame_cache_clips: int = 0,
                  conditioning: bool = True):
@@ -400,6 +438,7 @@ class VideoFrameDataModule(pl.LightningDataModule):
             n_sample_frames=int(n_sample_frames), sample_rates=tuple(int(rate) for rate in rates), width=int(width),
             height=int(height), pose_scaling=pose_scaling, crop_scale=tuple(float(v) for v in crop_scale),
             horizontal_flip=float(horizontal_flip),
+            color_jitter=tuple(float(v) for v in (color_jitter or (0.0, 0.0, 0.0, 0.0))),
         )
         processor = clip_image_processor or {}
         if isinstance(processor, DictConfig):

@@ -147,6 +147,51 @@ def test_random_crop_and_flip_move_frames_and_pose_images_together(pose_video_ro
     assert not validation.augment
 
 
+def test_colour_jitter_changes_targets_reference_and_clip_pixels_alike_and_never_the_poses(synthetic_root):
+    import torchvision.transforms.v2.functional as TF
+
+    plain = datamodule(synthetic_root).datasets["train"]
+    jittered_module = datamodule(synthetic_root, color_jitter=[0.3, 0.3, 0.4, 0.0])
+    jittered = jittered_module.datasets["train"]
+    for index in range(3):
+        a, b = plain[index], jittered[index]
+        assert int(a["frame_indices"][0]) == int(b["frame_indices"][0])  # the other draws stay put
+        for key in ("pose_images", "reference_pose"):
+            torch.testing.assert_close(a[key], b[key])
+        color = jittered._draw(index).color
+        assert color is not None and not np.allclose(color[:3], 1.0)
+        for key in ("pixel_values", "reference_image"):  # torchvision's ColorJitter ops with the drawn factors
+            expected = (a[key] + 1) / 2
+            expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(expected, float(color[0])),
+                                                               float(color[1])), float(color[2]))
+            assert (to_uint8(b[key]).astype(int) - to_uint8(expected * 2 - 1).astype(int)).__abs__().max() <= 1, key
+        assert not torch.allclose(a["clip_image"], b["clip_image"])  # CLIP sees the jittered reference
+    sample = jittered[7]
+    assert torch.equal(sample["pixel_values"], jittered[7]["pixel_values"])  # a pure function of the index
+    validation = jittered_module.datasets["val"][0]
+    torch.testing.assert_close(validation["pixel_values"], datamodule(synthetic_root).datasets["val"][0]["pixel_values"])
+
+
+def test_colour_jitter_hue_shift_matches_torchvision_up_to_8_bit_hsv():
+    import torchvision.transforms.v2.functional as TF
+
+    from aniportrait.data.video_frames import VideoFrameDataset
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for hue in (0.05, -0.2):
+        ours = VideoFrameDataset._jitter(images, np.array([1.0, 1.0, 1.0, hue])).astype(int)
+        theirs = TF.adjust_hue(torch.from_numpy(images).permute(0, 3, 1, 2), hue).permute(0, 2, 3, 1).numpy()
+        difference = np.abs(ours - theirs.astype(int))
+        assert difference.mean() < 1.0 and difference.max() <= 8, (hue, difference.mean(), difference.max())
+        assert np.abs(ours - images.astype(int)).mean() > 10  # it did shift
+
+
+@pytest.mark.parametrize("jitter", [[0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.6], [-0.1, 0, 0, 0]])
+def test_colour_jitter_out_of_range_is_refused(synthetic_root, jitter):
+    with pytest.raises(AniPortraitError, match="color_jitter"):
+        datamodule(synthetic_root, color_jitter=jitter)
+
+
 def test_resumable_loader_continues_with_the_next_batch_and_ranks_do_not_overlap(synthetic_root):
     dataset = datamodule(synthetic_root).datasets["train"]
     uninterrupted = [batch["sample_index"].tolist() for batch in ResumableBatchLoader(dataset, 2, 6)]
