@@ -100,3 +100,45 @@ def test_a_backbone_without_a_trained_vae_refuses_stage_b(tiny_dataset, tmp_path
 def test_pretrained_backbones_bring_their_own_vae():
     with pytest.raises(AniPortraitError, match="random-init backbone"):
         VAEModule({"kind": "sd15", "base_model": "x/y"})
+
+
+def test_patch_training_fits_random_patches_and_still_lowers_whole_frame_error(tiny_dataset, tmp_path):
+    """train_patch_size: each training frame is cut to a random patch (seeded); validation still sees whole frames."""
+    module = VAEModule(TINY, optimizer={"_target_": "torch.optim.AdamW", "lr": 2e-3, "betas": [0.5, 0.9]}, seed=0,
+                       train_patch_size=32)
+    frames = torch.arange(4 * 3 * 64 * 64, dtype=torch.float32).reshape(4, 3, 64, 64)
+    patches = module._patches(frames)
+    assert patches.shape == (4, 3, 32, 32)
+    corners = [(int(p[0, 0, 0]) // 64 % 64, int(p[0, 0, 0]) % 64) for p in patches]  # (top, left) of each patch
+    for frame, patch, (top, left) in zip(frames, patches, corners):
+        torch.testing.assert_close(patch, frame[:, top : top + 32, left : left + 32])
+    assert len(set(corners)) > 1  # one place per frame
+    torch.testing.assert_close(module._patches(frames), patches)  # seeded by the step
+    assert VAEModule(TINY, seed=0)._patches(frames) is frames  # null: whole frames
+
+    data = frames_datamodule(tiny_dataset)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=60, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         val_check_interval=60, default_root_dir=str(tmp_path))
+    before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/psnr"]
+    trainer.fit(module, datamodule=data)
+    assert float(trainer.callback_metrics["val/psnr"]) > before + 3.0  # whole held-out frames
+
+
+@pytest.mark.parametrize("size", [0, 12, 128])
+def test_bad_patch_sizes_are_refused(size):
+    if size == 128:  # taller than the frames but narrower: refused when training starts, naming the key
+        with pytest.raises(AniPortraitError, match="train_patch_size=128"):
+            VAEModule(TINY, seed=0, train_patch_size=128)._patches(torch.zeros(2, 3, 64, 192))
+        return
+    with pytest.raises(AniPortraitError, match="train_patch_size"):
+        VAEModule(TINY, seed=0, train_patch_size=size)
+
+
+def test_channels_last_vae_computes_the_same_loss():
+    frames = torch.rand(2, 3, 64, 64) * 2 - 1
+    plain, fast = VAEModule(TINY, seed=0), VAEModule(TINY, seed=0, channels_last=True)
+    assert fast.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    loss_plain, _ = plain._loss(frames, stream=0)
+    loss_fast, _ = fast._loss(frames.contiguous(memory_format=torch.channels_last), stream=0)
+    torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-4, atol=1e-5)
