@@ -1,7 +1,7 @@
 """Stage B provably learns: trained from scratch, it re-animates held-out clips better than copying the reference.
 
-Two datasets: (a) the embedded synthetic talking heads (6 identities; one clip per identity held out as the test
-split) and (b) the real talking-head clips of ``shared/samples`` prepared by ``aniportrait.data.prepare`` at 256 px
+Two datasets: (a) the embedded synthetic talking heads (100 identities x 4 clips; per identity one clip each for
+validation and test, 8 of the test clips generated, plus 4 identities never trained on) and (b) the real talking-head clips of ``shared/samples`` prepared by ``aniportrait.data.prepare`` at 256 px
 with the end of every clip held back (``aniportrait.data.holdout``: train | gap | val | gap | test by time).
 For each, ``python train.py backbone=small model=all`` trains the VAE (model=vae), stage 1 and stage 2 from random
 weights (stage A is left out: it plays no part here), then ``python evaluate.py protocol=self_reenactment`` generates
@@ -59,10 +59,10 @@ SHARED = Path(os.environ.get("ANIPORTRAIT_SHARED", REPO.parent / "shared"))
 LANDMARKER = SHARED / "samples" / "models" / "face_landmarker_v2_with_blendshapes.task"
 VARIANTS: dict[str, list[str]] = {"full": [], "no_pose_guider": ["pose_guider"], "no_reference": ["reference"],
                                   "stage1_only": ["motion_modules"]}
-# Synthetic identities never trained on (another seed): with 6 training identities the UNet can recall a seen
-# identity's appearance from the CLIP embedding alone, so the reference-bank ablation is also run on these.
+# Synthetic identities never trained on (another seed): a UNet that recalls the training identities' appearance from
+# its weights (it did with 6 identities) fails on these, so the reference-bank ablation is also run on them.
 UNSEEN_VARIANTS: dict[str, list[str]] = {"unseen_full": [], "unseen_no_reference": ["reference"]}
-SYNTHETIC = {"identities": 6, "clips_per_identity": 8, "clip_seconds": 4.0, "size": 256, "seed": 0}
+SYNTHETIC = {"identities": 100, "clips_per_identity": 4, "clip_seconds": 4.0, "size": 256, "seed": 0}
 STAGES = ("vae", "video_stage1", "video_stage2")
 
 
@@ -114,7 +114,8 @@ def prepare_real(out: Path, size: int) -> None:
 # -- phase 2: train and generate (GPU) ----------------------------------------------------------------------
 
 
-def _synthetic_root(work: Path, tiny: bool, unseen: int = 0, identities: int | None = None) -> Path:
+def _synthetic_root(work: Path, tiny: bool, unseen: int = 0, identities: int | None = None,
+                    clips_per_identity: int | None = None) -> Path:
     """The synthetic dataset; ``unseen`` > 0: that many other identities (another seed), 3 clips each, the last
     of each a test clip."""
     from aniportrait.data.sources import SyntheticSource
@@ -122,6 +123,8 @@ def _synthetic_root(work: Path, tiny: bool, unseen: int = 0, identities: int | N
     spec = {**SYNTHETIC, **({"identities": 3, "clips_per_identity": 3, "clip_seconds": 1.5, "size": 64} if tiny else {})}
     if identities and not tiny:
         spec["identities"] = identities
+    if clips_per_identity and not tiny:
+        spec["clips_per_identity"] = clips_per_identity
     if unseen:
         spec.update(identities=unseen, clips_per_identity=3, seed=spec["seed"] + 1)
     return SyntheticSource(root=str(work / "data"), workers=min(16, os.cpu_count() or 1), progress=False,
@@ -158,6 +161,14 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
                   "model.stages.video_stage1.callbacks.validation_videos.num_videos=1",
                   "model.stages.video_stage2.callbacks.validation_videos.num_videos=1",
                   f"model.stages.vae.optimizer.lr={args.vae_lr}"]
+    if args.color_jitter:  # stage B only: the VAE should reconstruct what it sees
+        overrides += [f"model.stages.{stage}.loader.color_jitter=[{args.color_jitter}]"
+                      for stage in ("video_stage1", "video_stage2")]
+    if args.vae_patch:
+        overrides += [f"model.stages.vae.train_patch_size={args.vae_patch}"]
+    if args.channels_last:
+        overrides += ["model.stages.vae.channels_last=true", "model.stages.video_stage1.performance.channels_last=true",
+                      "model.stages.video_stage2.performance.channels_last=true"]
     if args.profile and not args.tiny:  # Lightning's per-hook wall times in train.log: loader- or step-bound
         overrides += ["+model.stages.video_stage1.trainer.profiler=simple"]
     return overrides
@@ -188,7 +199,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
     trained = work / "train_record.json"
     if args.phase in ("all", "train"):
         started = time.perf_counter()
-        root = (_synthetic_root(work, args.tiny, identities=args.identities) if args.dataset == "synthetic"
+        root = (_synthetic_root(work, args.tiny, identities=args.identities,
+                                clips_per_identity=args.clips_per_identity) if args.dataset == "synthetic"
                 else args.data.resolve())
         data_seconds = time.perf_counter() - started
         stdout = run([sys.executable, "train.py", *_train_overrides(args, root)], env, work / "train.log",
@@ -229,6 +241,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
     record = {
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny,
         "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips,
+        "clips_per_identity": args.clips_per_identity if args.dataset == "synthetic" else None,
+        "color_jitter": args.color_jitter, "vae_patch": args.vae_patch, "channels_last": args.channels_last,
         "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
@@ -275,7 +289,8 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         tar.extractall(work, filter="data")
     record = json.loads((work / "record.json").read_text())
     if name == "synthetic":
-        root = _synthetic_root(work, record["tiny"], identities=record.get("identities"))
+        root = _synthetic_root(work, record["tiny"], identities=record.get("identities"),
+                               clips_per_identity=record.get("clips_per_identity"))
     else:
         root = REPO / ".device_carry" / record["root_name"]
         if not root.is_dir():
@@ -358,7 +373,9 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         "training": {"stages": training, "train_minutes": round(record["seconds"]["train"] / 60, 2),
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],
-                     "sampling_steps": record["sampling_steps"]},
+                     "sampling_steps": record["sampling_steps"], "color_jitter": record.get("color_jitter"),
+                     "identities": record.get("identities"), "clips_per_identity": record.get("clips_per_identity"),
+                     "vae_patch": record.get("vae_patch"), "channels_last": record.get("channels_last")},
         "complete": bool(common) and sorted(common) == sorted(test_clips) and all(coverage.values()),
         "test_clips": test_clips, "clips_generated": coverage, "clips_compared": common,
         "end_of_training_metrics": record["final_metrics"], "_curves": curves, "_strips": sorted(
@@ -471,6 +488,7 @@ def compare(args: argparse.Namespace) -> None:
             "psnr_ssim": rows,
             "steps": _stage_steps(record["curves"]),
             "batch": record["batch"], "learning_rate": record["learning_rate"],
+            "color_jitter": record.get("color_jitter"), "identities": record.get("identities"),
             "budget_seconds": record["budget_seconds"], "seconds": record["seconds"], "gpu": record["gpu"],
             "end_of_training_metrics": record["final_metrics"],
         }
@@ -496,9 +514,10 @@ def main() -> None:
                        help="train only, generate with a bundle trained before (same --work), or both")
     train.add_argument("--tiny", action="store_true", help="backbone=tiny on the CPU for seconds (smoke test)")
     train.add_argument("--size", type=int, default=256)
-    train.add_argument("--vae-seconds", type=float, default=60)
-    train.add_argument("--stage1-seconds", type=float, default=180)
-    train.add_argument("--stage2-seconds", type=float, default=90)
+    # defaults: the reported run (benchmarks/results/stage_b_learning.json), both datasets side by side on one H200
+    train.add_argument("--vae-seconds", type=float, default=120)
+    train.add_argument("--stage1-seconds", type=float, default=210)
+    train.add_argument("--stage2-seconds", type=float, default=70)
     train.add_argument("--max-steps", type=int, default=1_000_000, help="per stage (the time budgets end them first)")
     train.add_argument("--val-every", type=int, default=250, help="steps between validations (the curves)")
     train.add_argument("--vae-batch", type=int, default=16)
@@ -514,8 +533,16 @@ def main() -> None:
     train.add_argument("--identities", type=int, default=SYNTHETIC["identities"],
                        help="synthetic training identities (few: the UNet can memorise them instead of reading the "
                             "reference; see the README's results)")
-    train.add_argument("--test-clips", type=int, default=None,
-                       help="generate this many test clips per variant (protocol.clips; default: every one)")
+    train.add_argument("--clips-per-identity", type=int, default=SYNTHETIC["clips_per_identity"],
+                       help="synthetic: clips per identity (the last two are val and test)")
+    train.add_argument("--color-jitter", default="0.3,0.3,0.4,0.08",
+                       help="stage-B colour jitter 'b,c,s,h' (model.loader.color_jitter; '' for none): colours must "
+                            "come from the reference, so it cannot be bypassed by memorising the identities")
+    train.add_argument("--vae-patch", type=int, default=None, help="model=vae fits random patches of this size "
+                       "(model.train_patch_size; default whole frames)")
+    train.add_argument("--channels-last", action="store_true", help="NHWC convolutions in every stage (same function)")
+    train.add_argument("--test-clips", type=int, default=8,
+                       help="generate this many test clips per variant (protocol.clips; 0: every one)")
     train.add_argument("--steps", type=int, default=25, help="DDIM steps of the generated test clips")
     train.add_argument("--workers", type=int, default=6, help="loader processes per stage")
     train.add_argument("--timeout", type=float, default=None, help="seconds train.py may run before it is stopped")
