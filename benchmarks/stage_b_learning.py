@@ -498,7 +498,7 @@ def compare(args: argparse.Namespace) -> None:
     print(json.dumps(document["comparison_runs"][-1], indent=1)[:3000])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -556,6 +556,11 @@ def main() -> None:
     comparing.add_argument("--results", type=Path, default=RESULTS / "stage_b_learning.json")
     comparing.add_argument("--label", required=True, help="the run's name in comparison_runs (replaced if there)")
     comparing.add_argument("--note", default=None)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.command == "compare":
         compare(args)

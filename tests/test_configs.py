@@ -78,3 +78,25 @@ def test_a_stage_may_set_any_trainer_argument(tmp_path):
     assert stage1.profiler == "simple" and "profiler" not in vae
     assert vae.max_steps == 7 and stage1.max_steps == cfg.model.stages.video_stage1.trainer.get(
         "max_steps", cfg.trainer.max_steps)
+
+
+def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_path):
+    """benchmarks/stage_b_learning.py's train.py overrides are valid config keys (a wrong one costs a GPU call)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stage_b_learning.py"
+    spec = importlib.util.spec_from_file_location("stage_b_learning", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    args = benchmark.build_parser().parse_args([
+        "train", "--dataset", "synthetic", "--work", str(tmp_path), "--out", str(tmp_path / "pack.tar.gz"),
+        "--vae-patch", "128", "--channels-last", "--profile"])
+    cfg = _compose("train", benchmark._train_overrides(args, tmp_path), tmp_path)
+    stages = cfg.model.stages
+    assert stages.vae.train_patch_size == 128 and stages.vae.channels_last is True
+    assert list(stages.video_stage1.loader.color_jitter) == [0.3, 0.3, 0.4, 0.08]
+    assert list(stages.video_stage2.loader.color_jitter) == [0.3, 0.3, 0.4, 0.08] and stages.vae.loader.color_jitter is None
+    assert stages.video_stage1.performance.channels_last and stages.video_stage2.performance.channels_last
+    assert stages.video_stage1.trainer.profiler == "simple" and stages.audio.enabled is False
+    datamodule = hydra.utils.instantiate(stages.video_stage1.loader, source=None)
+    assert datamodule.frame_settings.color_jitter == (0.3, 0.3, 0.4, 0.08)
