@@ -1,8 +1,9 @@
 """Stage B provably learns: trained from scratch, it re-animates held-out clips better than copying the reference.
 
 Two datasets: (a) the embedded synthetic talking heads (100 identities x 4 clips; per identity one clip each for
-validation and test, 8 of the test clips generated, plus 4 identities never trained on) and (b) the real talking-head clips of ``shared/samples`` prepared by ``aniportrait.data.prepare`` at 256 px
-with the end of every clip held back (``aniportrait.data.holdout``: train | gap | val | gap | test by time).
+validation and test, 8 of the test clips generated, plus 4 identities never trained on) and (b) the real
+talking-head clips of ``shared/samples`` prepared by ``aniportrait.data.prepare`` at 256 px with the end of every
+clip held back (``aniportrait.data.holdout``: train | gap | val | gap | test by time).
 For each, ``python train.py backbone=small model=all`` trains the VAE (model=vae), stage 1 and stage 2 from random
 weights (stage A is left out: it plays no part here), then ``python evaluate.py protocol=self_reenactment`` generates
 every test clip (reference = its first frame, driver = its ground-truth landmarks) through the normal pipeline,

@@ -95,7 +95,8 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
     stages = cfg.model.stages
     assert stages.vae.train_patch_size == 128 and stages.vae.channels_last is True
     assert list(stages.video_stage1.loader.color_jitter) == [0.3, 0.3, 0.4, 0.08]
-    assert list(stages.video_stage2.loader.color_jitter) == [0.3, 0.3, 0.4, 0.08] and stages.vae.loader.color_jitter is None
+    assert list(stages.video_stage2.loader.color_jitter) == [0.3, 0.3, 0.4, 0.08]
+    assert stages.vae.loader.color_jitter is None
     assert stages.video_stage1.performance.channels_last and stages.video_stage2.performance.channels_last
     assert stages.video_stage1.trainer.profiler == "simple" and stages.audio.enabled is False
     datamodule = hydra.utils.instantiate(stages.video_stage1.loader, source=None)

@@ -169,7 +169,8 @@ def test_colour_jitter_changes_targets_reference_and_clip_pixels_alike_and_never
     sample = jittered[7]
     assert torch.equal(sample["pixel_values"], jittered[7]["pixel_values"])  # a pure function of the index
     validation = jittered_module.datasets["val"][0]
-    torch.testing.assert_close(validation["pixel_values"], datamodule(synthetic_root).datasets["val"][0]["pixel_values"])
+    unjittered = datamodule(synthetic_root).datasets["val"][0]
+    torch.testing.assert_close(validation["pixel_values"], unjittered["pixel_values"])
 
 
 def test_colour_jitter_hue_shift_matches_torchvision_up_to_8_bit_hsv():
