@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -534,6 +534,7 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
 
     name, generation = protocol["name"], protocol.get("generation", {})
     pipeline = Pose2VideoPipeline.from_bundle(bundle, device)
+    pipeline.scheduler = _scheduler_with(pipeline.scheduler, generation.get("scheduler") or {})
     ablations = list(generation.get("ablate") or [])
     settings = pipeline.video_settings
     landmarks_model = AudioToLandmarks.from_bundle(bundle, device) if name == "audio_driven" else None
@@ -566,6 +567,18 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
                 width=size_w, height=size_h, progress=False)
         write_video(out_dir / f"{record.id}.mp4", video, record.fps, audio=_cut_audio(audio, count, record.fps))
     return out_dir
+
+
+def _scheduler_with(scheduler: Any, overrides: Mapping[str, Any]) -> Any:
+    """The bundle's sampling scheduler with ``protocol.generation.scheduler`` settings changed (e.g.
+    ``{beta_schedule: linear}``); unknown settings are refused rather than ignored as diffusers would."""
+    if not overrides:
+        return scheduler
+    unknown = sorted(set(overrides) - set(scheduler.config))
+    if unknown:
+        raise AniPortraitError(f"protocol.generation.scheduler: {unknown} are not settings of the bundle's "
+                               f"{type(scheduler).__name__} (it has {sorted(k for k in scheduler.config if not k.startswith('_'))})")
+    return type(scheduler).from_config(scheduler.config, **dict(overrides))
 
 
 # -- entry ------------------------------------------------------------------------------------------------

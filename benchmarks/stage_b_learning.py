@@ -63,6 +63,9 @@ VARIANTS: dict[str, list[str]] = {"full": [], "no_pose_guider": ["pose_guider"],
 # Synthetic identities never trained on (another seed): a UNet that recalls the training identities' appearance from
 # its weights (it did with 6 identities) fails on these, so the reference-bank ablation is also run on them.
 UNSEEN_VARIANTS: dict[str, list[str]] = {"unseen_full": [], "unseen_no_reference": ["reference"]}
+# The full model sampled with other settings of its scheduler (protocol.generation.scheduler): a from-scratch backbone
+# samples with the betas it was trained with (scaled_linear); this is the official inference_v2 pair's linear betas.
+SCHEDULE_VARIANTS: dict[str, dict[str, str]] = {"official_linear_betas": {"beta_schedule": "linear"}}
 SYNTHETIC = {"identities": 100, "clips_per_identity": 4, "clip_seconds": 4.0, "size": 256, "seed": 0}
 STAGES = ("vae", "video_stage1", "video_stage2")
 
@@ -175,6 +178,18 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     return overrides
 
 
+def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, ablate: list[str],
+                        scheduler: dict[str, str], out_dir: Path) -> list[str]:
+    """evaluate.py's overrides for one variant: the test clips of ``root`` generated with ``bundle``, the paths in
+    ``ablate`` cut and the sampling scheduler's ``scheduler`` settings changed."""
+    return [f"bundle={bundle}", "data=clips", f"data.root={root}", "protocol=self_reenactment",
+            f"protocol.generation.ablate=[{','.join(ablate)}]",
+            *(f"+protocol.generation.scheduler.{key}={value}" for key, value in scheduler.items()),
+            f"protocol.generation.steps={args.steps}", f"protocol.clips={args.test_clips or 'null'}",
+            "metrics.enabled=[ssim,psnr]", "metrics.download=false", f"output_dir={out_dir}", "num_workers=2",
+            "overwrite=true"]
+
+
 def _csv_metrics(run_dir: Path) -> dict[str, list[dict[str, float]]]:
     """Per stage, the rows of its CSV log (step + whatever was logged)."""
     curves = {}
@@ -210,7 +225,9 @@ def train_and_generate(args: argparse.Namespace) -> None:
         final = dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout))  # train.py's closing table
         train_seconds = time.perf_counter() - started - data_seconds
         trained.write_text(json.dumps({"bundle": str(bundle), "root": str(root), "final": final, "seconds": {
-            "data": round(data_seconds, 1), "train": round(train_seconds, 1)}}, indent=1))
+            "data": round(data_seconds, 1), "train": round(train_seconds, 1)}, "budget_seconds": {
+            "vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds}},
+            indent=1))
     if args.phase == "train":
         return
     if not trained.is_file():
@@ -219,20 +236,18 @@ def train_and_generate(args: argparse.Namespace) -> None:
     bundle, root = Path(record_in["bundle"]), Path(record_in["root"])
     started = time.perf_counter()
 
-    variants = {variant: (ablate, root) for variant, ablate in VARIANTS.items()}
+    variants = {variant: (ablate, root, {}) for variant, ablate in VARIANTS.items()}
     if args.dataset == "synthetic" and args.unseen_identities:
         unseen_root = _synthetic_root(work, args.tiny, unseen=args.unseen_identities)
-        variants.update({variant: (ablate, unseen_root) for variant, ablate in UNSEEN_VARIANTS.items()})
+        variants.update({variant: (ablate, unseen_root, {}) for variant, ablate in UNSEEN_VARIANTS.items()})
+    variants.update({variant: ([], root, settings) for variant, settings in SCHEDULE_VARIANTS.items()})
 
     def evaluate(variant: str) -> tuple[str, dict[str, Any] | None]:
         out_dir = work / "eval" / variant
-        ablate, data_root = variants[variant]
-        run([sys.executable, "evaluate.py", f"bundle={bundle}", "data=clips", f"data.root={data_root}",
-             "protocol=self_reenactment", f"protocol.generation.ablate=[{','.join(ablate)}]",
-             f"protocol.generation.steps={args.steps}", f"protocol.clips={args.test_clips or 'null'}",
-             "metrics.enabled=[ssim,psnr]", "metrics.download=false",
-             f"output_dir={out_dir}", "num_workers=2", "overwrite=true"], env, work / f"evaluate_{variant}.log",
-            timeout=args.eval_timeout, check=False)  # a failed variant is reported; the others still run
+        ablate, data_root, scheduler = variants[variant]
+        run([sys.executable, "evaluate.py", *_evaluate_overrides(args, bundle, data_root, ablate, scheduler, out_dir)],
+            env, work / f"evaluate_{variant}.log", timeout=args.eval_timeout,
+            check=False)  # a failed variant is reported; the others still run
         metrics = out_dir / "metrics.json"
         return variant, json.loads(metrics.read_text())["metrics"] if metrics.is_file() else None
 
@@ -247,8 +262,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
         "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
-        "budget_seconds": {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds,
-                           "video_stage2": args.stage2_seconds},
+        "budget_seconds": record_in.get("budget_seconds") or {  # what the train phase ran with
+            "vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds},
         "batch": {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch},
         "learning_rate": args.lr, "sampling_steps": args.steps,
         "final_metrics": {k: float(v) for k, v in record_in["final"].items()},
@@ -365,12 +380,18 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
     if {"full", "no_reference"} <= unseen.keys():
         unseen["no_reference_psnr_drop_db"] = difference(unseen["full"]["psnr"], unseen["no_reference"]["psnr"])
         unseen["psnr_gain_over_copy_db"] = difference(unseen["full"]["psnr"], unseen["copy_reference"]["psnr"])
+    schedules = {variant: {"psnr": record["gpu_metrics"][variant]["generated"].get("psnr"),
+                           "ssim": record["gpu_metrics"][variant]["generated"].get("ssim"), "scheduler": settings}
+                 for variant, settings in SCHEDULE_VARIANTS.items() if record["gpu_metrics"].get(variant)}
+    if schedules and record["gpu_metrics"].get("full"):  # the same clips, on the GPU, with the bundle's own betas
+        schedules["bundle"] = {key: record["gpu_metrics"]["full"]["generated"].get(key) for key in ("psnr", "ssim")}
     curves = record["curves"]
     training = {stage: {"steps": steps, "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
                 for stage, steps in _stage_steps(curves).items()}
     return {
         **full, "copy_reference": copy, "ground_truth": truth, "ablations": ablations, "targets": targets,
         **({"unseen_identities": unseen} if unseen else {}),
+        **({"sampling_schedules": schedules} if schedules else {}),
         "training": {"stages": training, "train_minutes": round(record["seconds"]["train"] / 60, 2),
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],

@@ -101,3 +101,10 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
     assert stages.video_stage1.trainer.profiler == "simple" and stages.audio.enabled is False
     datamodule = hydra.utils.instantiate(stages.video_stage1.loader, source=None)
     assert datamodule.frame_settings.color_jitter == (0.3, 0.3, 0.4, 0.08)
+    # the evaluate phase: every variant's evaluate.py overrides compose, the schedule variant's included
+    for variant, settings in benchmark.SCHEDULE_VARIANTS.items():
+        evaluate = _compose("evaluate", benchmark._evaluate_overrides(args, tmp_path / "bundle", tmp_path, ["reference"],
+                                                                     settings, tmp_path / variant), tmp_path)
+        generation = evaluate.protocol.generation
+        assert dict(generation.scheduler) == settings and list(generation.ablate) == ["reference"]
+        assert evaluate.protocol.clips == 8 and generation.steps == 25

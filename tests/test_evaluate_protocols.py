@@ -68,3 +68,21 @@ def test_a_generation_protocol_needs_a_stage_b_bundle(tiny_bundle, tiny_dataset,
     result = run_cli("evaluate.py", f"bundle={tiny_bundle}", f"data={tiny_dataset}", "protocol=self_reenactment",
                      env={"ANIPORTRAIT_LOGS": str(tmp_path / "logs")})
     assert result.returncode == 2 and result.stderr.startswith("error:") and "reference_unet" in result.stderr
+
+
+def test_generation_can_change_the_bundles_sampling_scheduler():
+    """protocol.generation.scheduler: e.g. the official linear betas on a bundle trained from scratch (which samples
+    with its training betas); the rest of the bundle's scheduler is kept, and a setting it lacks is refused."""
+    from aniportrait.errors import AniPortraitError
+    from aniportrait.evaluation import _scheduler_with
+    from aniportrait.models.schedulers import INFERENCE_V2_SCHEDULER, build_scheduler
+
+    bundle_scheduler = build_scheduler({**INFERENCE_V2_SCHEDULER, "beta_schedule": "scaled_linear"})
+    assert _scheduler_with(bundle_scheduler, {}) is bundle_scheduler
+    changed = _scheduler_with(bundle_scheduler, {"beta_schedule": "linear"})
+    official = build_scheduler(INFERENCE_V2_SCHEDULER)
+    assert type(changed) is type(official) and changed.config.prediction_type == "v_prediction"
+    assert changed.alphas_cumprod.equal(official.alphas_cumprod)
+    assert not changed.alphas_cumprod.equal(bundle_scheduler.alphas_cumprod)
+    with pytest.raises(AniPortraitError, match="protocol.generation.scheduler.*beta_shedule"):
+        _scheduler_with(bundle_scheduler, {"beta_shedule": "linear"})

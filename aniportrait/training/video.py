@@ -61,6 +61,7 @@ from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS
 from aniportrait.models.video_backbone import RANDOM_BACKBONES, build_video_models
 from aniportrait.pipelines.pose2video import INFERENCE_V2_SCHEDULER, Pose2VideoPipeline, build_scheduler
+from aniportrait.training.graphed import GraphedPrediction, check_cuda_graph_settings, conditional_prediction
 from aniportrait.training.schedules import with_scheduler
 
 __all__ = ["VideoStage1Module", "VideoStage2Module", "ValidationVideos", "ParameterEMA",
@@ -92,7 +93,7 @@ DEFAULT_SAMPLING: dict[str, Any] = {"scheduler": INFERENCE_V2_SCHEDULER, "num_in
                                     "guidance_scale": 3.5, "context_frames": 16, "context_overlap": 4}
 _EMA_DEFAULTS: dict[str, Any] = {"decay": None, "export": True}
 # model.performance: off by default (the plain path); see _apply_performance_settings and benchmarks/README.md.
-_PERFORMANCE_DEFAULTS: dict[str, Any] = {"channels_last": False, "compile": None}
+_PERFORMANCE_DEFAULTS: dict[str, Any] = {"channels_last": False, "compile": None, "cuda_graphs": False}
 _STAGE1_COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
 _UNCOND_CLIP = ("zero_image", "zero_embedding")
 
@@ -208,6 +209,7 @@ class _VideoDiffusionModule(pl.LightningModule):
         self.data_settings: dict[str, Any] = {}  # from the datamodule: fps, size, frames, pose scaling
         self._weights_initialised = False
         self._performance_applied = False
+        self._graphed_prediction: GraphedPrediction | None = None
         self._ema_step = -1
         self.last_validated_step = -1
         self.train()  # frozen modules to eval mode (Lightning restores per-module modes after validation)
@@ -293,6 +295,24 @@ class _VideoDiffusionModule(pl.LightningModule):
             options = {} if options is True else dict(options)
             for module in trained:
                 module.compile(**options)
+        if self.performance["cuda_graphs"]:
+            self._capture_cuda_graphs_later()
+
+    def _capture_cuda_graphs_later(self) -> None:
+        """``model.performance.cuda_graphs``: the conditional prediction is captured at the first training step
+        (aniportrait/training/graphed.py); the settings it cannot honour are refused here, before training."""
+        trainer = self.trainer if self._trainer is not None else None
+        check_cuda_graph_settings(
+            device_type=trainer.strategy.root_device.type if trainer is not None else self.device.type,
+            strategy=type(trainer.strategy).__name__ if trainer is not None else "SingleDeviceStrategy",
+            compile_options=self.performance["compile"],
+            accumulate_grad_batches=trainer.accumulate_grad_batches if trainer is not None else 1,
+            gradient_checkpointing=bool(self.hparams.gradient_checkpointing),
+            uncond_per_sample=bool(self.loss_settings["uncond_per_sample"]))
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        self._graphed_prediction = GraphedPrediction(self.pose_guider, self.reference_unet, self.denoising_unet,
+                                                     self.reference_control, autocast)
 
     def _check_strategy(self) -> None:
         """Stage 1 skips the ReferenceNet on reference-dropout steps (as official): DDP must expect unused parameters,
@@ -389,14 +409,15 @@ class _VideoDiffusionModule(pl.LightningModule):
                  clip_embeds: torch.Tensor, pose_images: torch.Tensor, reference_pose: torch.Tensor,
                  uncond: torch.Tensor) -> torch.Tensor:
         """The denoising UNet's prediction (b, 4, f, h, w), reading the ReferenceNet's tokens where conditional."""
-        pose_features = self.pose_guider(pose_images.transpose(1, 2), reference_pose)  # 5 x (b, C, f, h, w)
-        if bool(uncond.all()):
-            self.reference_control.clear()  # official: an unconditional step reads an empty bank
-        else:
-            self.reference_control.write()
-            self.reference_unet(reference_latents, torch.zeros_like(timesteps), clip_embeds)
-            self.reference_control.read(num_frames=noisy_latents.shape[2], uncond_mask=uncond if uncond.any() else None)
-        return self.denoising_unet(noisy_latents, timesteps, clip_embeds, pose_cond_fea=pose_features).sample
+        if bool(uncond.all()):  # official: an unconditional step skips the ReferenceNet and reads an empty bank
+            pose_features = self.pose_guider(pose_images.transpose(1, 2), reference_pose)  # 5 x (b, C, f, h, w)
+            self.reference_control.clear()
+            return self.denoising_unet(noisy_latents, timesteps, clip_embeds, pose_cond_fea=pose_features).sample
+        inputs = (noisy_latents, timesteps, reference_latents, clip_embeds, pose_images, reference_pose)
+        if self._graphed_prediction is not None and not bool(uncond.any()) and self.training and torch.is_grad_enabled():
+            return self._graphed_prediction(*inputs)
+        return conditional_prediction(self.pose_guider, self.reference_unet, self.denoising_unet, self.reference_control,
+                                      *inputs, uncond_mask=uncond if uncond.any() else None)
 
     def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma loss weights (b,) (ones when ``loss.snr_gamma`` is 0 or null)."""

@@ -49,3 +49,56 @@ def test_performance_switch_computes_the_same_step(plain, performance, tolerance
     torch.testing.assert_close(loss, plain[0], rtol=1e-5, atol=1e-7)
     assert gradients.keys() == plain[1].keys()
     assert _relative(gradients, plain[1]) < tolerance
+
+
+def test_cuda_graphs_refuse_what_a_captured_step_cannot_do():
+    from aniportrait.errors import AniPortraitError
+    from aniportrait.training.graphed import check_cuda_graph_settings
+
+    module = VideoStage1Module({"kind": "tiny", "seed": 0}, performance={"cuda_graphs": True})
+    with pytest.raises(AniPortraitError, match=r"cuda_graphs=true .*CUDA device .*trainer=gpu"):
+        module.setup("fit")  # on the CPU
+    settings = {"device_type": "cuda", "strategy": "SingleDeviceStrategy", "compile_options": None,
+                "accumulate_grad_batches": 1, "gradient_checkpointing": False, "uncond_per_sample": False}
+    check_cuda_graph_settings(**settings)  # what it can do passes
+    for key, value, named in (("strategy", "DDPStrategy", "trainer.devices=1"),
+                              ("compile_options", {}, "model.performance.compile"),
+                              ("accumulate_grad_batches", 4, "trainer.accumulate_grad_batches=4"),
+                              ("gradient_checkpointing", True, "model.gradient_checkpointing"),
+                              ("uncond_per_sample", True, "model.loss.uncond_per_sample")):
+        with pytest.raises(AniPortraitError, match=named.replace(".", r"\.")):
+            check_cuda_graph_settings(**{**settings, key: value})
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_compute_the_eager_step():
+    """Two steps on one batch, eager and replayed from the graphs: the same losses, gradients and BatchNorm
+    statistics (the capture's warm-up passes must not move them)."""
+
+    def steps(cuda_graphs):
+        torch.manual_seed(0)
+        module = VideoStage1Module({"kind": "tiny", "seed": 0}, loss={"uncond_ratio": 0.0},
+                                   performance={"cuda_graphs": cuda_graphs}).cuda()
+        module.setup("fit")
+        module.train()
+        batch = {key: value.cuda() for key, value in _batch().items()}
+        results = []
+        for _ in range(2):
+            loss = module._diffusion_loss(batch, stream=0, allow_uncond=False)
+            loss.backward()
+            module.reference_control.clear()
+            results.append((loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters()
+                                            if p.grad is not None}))
+            module.zero_grad(set_to_none=True)
+        buffers = {name: buffer.clone() for name, buffer in module.pose_guider.named_buffers()}
+        return results, buffers, module
+
+    eager, eager_buffers, _ = steps(False)
+    graphed, graphed_buffers, module = steps(True)
+    assert module._graphed_prediction.replays == 2
+    for (loss, gradients), (reference_loss, reference_gradients) in zip(graphed, eager):
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+        assert gradients.keys() == reference_gradients.keys()
+        assert _relative(gradients, reference_gradients) < 1e-4
+    for name, buffer in eager_buffers.items():
+        torch.testing.assert_close(graphed_buffers[name], buffer)

@@ -1,0 +1,139 @@
+"""CUDA graphs for stage B's conditional prediction (``model.performance.cuda_graphs``).
+
+At backbone=small's widths the stage-1 step is bound by the host, not the GPU: alone on an H200 it took 0.329 s,
+sharing the GPU with a second run 0.297 s (benchmarks/README.md). Thousands of small kernels are launched one by one
+from Python per step. A CUDA graph replays the forward and the backward of PoseGuider + ReferenceNet (writing the
+reference bank) + denoising UNet (reading it) as two launches.
+
+``torch.cuda.make_graphed_callables`` does the capture. The bank is written and read inside one captured forward, so
+it needs no special handling. What stays eager:
+- the frozen VAE and CLIP encodings, the noise, the loss and the optimizer;
+- steps of a batch shape other than the captured one (a short last batch), logged once;
+- reference-dropout steps, whose ReferenceNet is skipped, as officially (10 % of the steps);
+- validation, which runs without gradients.
+
+The captured forward runs under autocast without its weight cache, as the graphs require. The capture's warm-up
+passes would move BatchNorm running statistics, so every buffer is restored afterwards: the first graphed step
+computes what the eager step would. tests/training/test_video_performance.py compares the two on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from aniportrait.errors import AniPortraitError
+
+__all__ = ["ConditionalPrediction", "GraphedPrediction", "check_cuda_graph_settings", "conditional_prediction"]
+
+log = logging.getLogger(__name__)
+
+
+def conditional_prediction(pose_guider: nn.Module, reference_unet: nn.Module, denoising_unet: nn.Module,
+                           reference_control: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           reference_latents: torch.Tensor, clip_embeds: torch.Tensor, pose_images: torch.Tensor,
+                           reference_pose: torch.Tensor, uncond_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The denoising UNet's prediction (b, 4, f, h, w) with the reference: pose features, the ReferenceNet's pass into
+    the bank, the denoising UNet reading it (``uncond_mask``: samples that read their own tokens only)."""
+    pose_features = pose_guider(pose_images.transpose(1, 2), reference_pose)  # 5 x (b, C, f, h, w)
+    reference_control.write()
+    reference_unet(reference_latents, torch.zeros_like(timesteps), clip_embeds)
+    reference_control.read(num_frames=noisy_latents.shape[2], uncond_mask=uncond_mask)
+    return denoising_unet(noisy_latents, timesteps, clip_embeds, pose_cond_fea=pose_features).sample
+
+
+class ConditionalPrediction(nn.Module):
+    """:func:`conditional_prediction` as a module, the form ``make_graphed_callables`` captures (its parameters are
+    the graph's). Never registered in the LightningModule: its submodules are the module's own networks."""
+
+    def __init__(self, pose_guider: nn.Module, reference_unet: nn.Module, denoising_unet: nn.Module,
+                 reference_control: Any):
+        super().__init__()
+        self.pose_guider, self.reference_unet, self.denoising_unet = pose_guider, reference_unet, denoising_unet
+        self.reference_control = reference_control
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        prediction = conditional_prediction(self.pose_guider, self.reference_unet, self.denoising_unet,
+                                            self.reference_control, *inputs)
+        self.reference_control.clear()  # autograd keeps what backward needs; the bank's references can go
+        return prediction
+
+
+def check_cuda_graph_settings(*, device_type: str, strategy: str, compile_options: Any, accumulate_grad_batches: int,
+                              gradient_checkpointing: bool, uncond_per_sample: bool) -> None:
+    """Refuse the settings a captured step cannot honour, each with the key to change."""
+    problems = []
+    if device_type != "cuda":
+        problems.append(f"it needs a CUDA device (the trainer runs on {device_type}: use trainer=gpu)")
+    if strategy != "SingleDeviceStrategy":
+        problems.append(f"it runs on one device ({strategy}: use trainer.devices=1)")
+    if compile_options not in (None, False):
+        problems.append("model.performance.compile is set too (choose one; compile's mode=reduce-overhead also "
+                        "uses CUDA graphs)")
+    if accumulate_grad_batches != 1:
+        problems.append(f"trainer.accumulate_grad_batches={accumulate_grad_batches}: the graph's gradient buffers are "
+                        "rewritten by every replay (use 1 and a larger loader.batch_size)")
+    if gradient_checkpointing:
+        problems.append("model.gradient_checkpointing recomputes the forward inside the backward (set it to false)")
+    if uncond_per_sample:
+        problems.append("model.loss.uncond_per_sample=true drops the reference per sample, so almost every step "
+                        "would run eagerly (set it to false, as officially)")
+    if problems:
+        raise AniPortraitError("model.performance.cuda_graphs=true cannot be used: " + "; ".join(problems))
+
+
+class GraphedPrediction:
+    """``ConditionalPrediction`` captured as CUDA graphs at the first call and replayed while the inputs keep
+    that call's shapes and dtypes; other calls run it eagerly."""
+
+    def __init__(self, pose_guider: nn.Module, reference_unet: nn.Module, denoising_unet: nn.Module,
+                 reference_control: Any, autocast_dtype: torch.dtype | None, num_warmup_iters: int = 3):
+        self.prediction = ConditionalPrediction(pose_guider, reference_unet, denoising_unet, reference_control)
+        self.autocast_dtype = autocast_dtype
+        self.num_warmup_iters = num_warmup_iters
+        self._graphed: Callable[..., torch.Tensor] | None = None
+        self._signature: tuple | None = None
+        self._logged_eager: set[tuple] = set()
+        self.replays = 0
+
+    @staticmethod
+    def _signature_of(inputs: tuple[torch.Tensor, ...]) -> tuple:
+        return tuple((tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in inputs)
+
+    def _autocast(self):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=enabled, cache_enabled=False)
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        # a separate module object: make_graphed_callables replaces the forward of the module it is given
+        module = ConditionalPrediction(self.prediction.pose_guider, self.prediction.reference_unet,
+                                       self.prediction.denoising_unet, self.prediction.reference_control)
+        buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+        samples = tuple(tensor.detach().clone() for tensor in inputs)
+        with self._autocast():
+            self._graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=self.num_warmup_iters,
+                                                              allow_unused_input=True)
+        with torch.no_grad():  # the warm-up passes updated BatchNorm statistics: put them back, in place
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
+        self._signature = self._signature_of(inputs)
+        log.info("CUDA graphs captured for the conditional prediction: inputs %s",
+                 [shape for shape, _, _ in self._signature])
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        signature = self._signature_of(inputs)
+        if self._graphed is None:
+            self._capture(inputs)
+        if signature != self._signature:
+            if signature not in self._logged_eager:
+                self._logged_eager.add(signature)
+                log.info("inputs %s differ from the captured %s: this step runs eagerly",
+                         [shape for shape, _, _ in signature], [shape for shape, _, _ in self._signature])
+            return self.prediction(*inputs)
+        self.replays += 1
+        with self._autocast():
+            return self._graphed(*inputs)
