@@ -173,6 +173,8 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     if args.channels_last:
         overrides += ["model.stages.vae.channels_last=true", "model.stages.video_stage1.performance.channels_last=true",
                       "model.stages.video_stage2.performance.channels_last=true"]
+    if args.cuda_graphs:
+        overrides += [f"model.stages.{stage}.performance.cuda_graphs=true" for stage in ("video_stage1", "video_stage2")]
     if args.profile and not args.tiny:  # Lightning's per-hook wall times in train.log: loader- or step-bound
         overrides += ["+model.stages.video_stage1.trainer.profiler=simple"]
     return overrides
@@ -259,6 +261,7 @@ def train_and_generate(args: argparse.Namespace) -> None:
         "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips,
         "clips_per_identity": args.clips_per_identity if args.dataset == "synthetic" else None,
         "color_jitter": args.color_jitter, "vae_patch": args.vae_patch, "channels_last": args.channels_last,
+        "cuda_graphs": args.cuda_graphs,
         "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
@@ -563,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vae-patch", type=int, default=None, help="model=vae fits random patches of this size "
                        "(model.train_patch_size; default whole frames)")
     train.add_argument("--channels-last", action="store_true", help="NHWC convolutions in every stage (same function)")
+    train.add_argument("--cuda-graphs", action="store_true", help="stage 1 and 2 replay the conditional prediction "
+                       "as CUDA graphs (model.performance.cuda_graphs; the step is host-bound at these widths)")
     train.add_argument("--test-clips", type=int, default=8,
                        help="generate this many test clips per variant (protocol.clips; 0: every one)")
     train.add_argument("--steps", type=int, default=25, help="DDIM steps of the generated test clips")

@@ -90,7 +90,7 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
     spec.loader.exec_module(benchmark)
     args = benchmark.build_parser().parse_args([
         "train", "--dataset", "synthetic", "--work", str(tmp_path), "--out", str(tmp_path / "pack.tar.gz"),
-        "--vae-patch", "128", "--channels-last", "--profile"])
+        "--vae-patch", "128", "--channels-last", "--profile", "--cuda-graphs"])
     cfg = _compose("train", benchmark._train_overrides(args, tmp_path), tmp_path)
     stages = cfg.model.stages
     assert stages.vae.train_patch_size == 128 and stages.vae.channels_last is True
@@ -99,6 +99,7 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
     assert stages.vae.loader.color_jitter is None
     assert stages.video_stage1.performance.channels_last and stages.video_stage2.performance.channels_last
     assert stages.video_stage1.trainer.profiler == "simple" and stages.audio.enabled is False
+    assert stages.video_stage1.performance.cuda_graphs and stages.video_stage2.performance.cuda_graphs
     datamodule = hydra.utils.instantiate(stages.video_stage1.loader, source=None)
     assert datamodule.frame_settings.color_jitter == (0.3, 0.3, 0.4, 0.08)
     # the evaluate phase: every variant's evaluate.py overrides compose, the schedule variant's included
