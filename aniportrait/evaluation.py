@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from aniportrait.data.clip import ClipRecord, Manifest, load_landmarks
 from aniportrait.data.video import probe_video, read_video, write_video
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.geometry import relative_pose6
-from aniportrait.inference import resolve_device
+from aniportrait.inference import build_sampling_scheduler, resolve_device
 from aniportrait.metrics.landmarks import lip_vertex_error, mean_vertex_error, mouth_opening, pearson, pose_l1
 from aniportrait.metrics.suite import (
     HIGHER_IS_BETTER,
@@ -534,7 +534,10 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
 
     name, generation = protocol["name"], protocol.get("generation", {})
     pipeline = Pose2VideoPipeline.from_bundle(bundle, device)
-    pipeline.scheduler = _scheduler_with(pipeline.scheduler, generation.get("scheduler") or {})
+    if generation.get("scheduler"):  # settings of the bundle's sampling scheduler changed
+        pipeline.scheduler = build_sampling_scheduler({"_target_": type(pipeline.scheduler).__name__,
+                                                       **generation["scheduler"]}, pipeline.scheduler,
+                                                      key="protocol.generation.scheduler")
     ablations = list(generation.get("ablate") or [])
     settings = pipeline.video_settings
     landmarks_model = AudioToLandmarks.from_bundle(bundle, device) if name == "audio_driven" else None
@@ -567,18 +570,6 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
                 width=size_w, height=size_h, progress=False)
         write_video(out_dir / f"{record.id}.mp4", video, record.fps, audio=_cut_audio(audio, count, record.fps))
     return out_dir
-
-
-def _scheduler_with(scheduler: Any, overrides: Mapping[str, Any]) -> Any:
-    """The bundle's sampling scheduler with ``protocol.generation.scheduler`` settings changed (e.g.
-    ``{beta_schedule: linear}``); unknown settings are refused rather than ignored as diffusers would."""
-    if not overrides:
-        return scheduler
-    unknown = sorted(set(overrides) - set(scheduler.config))
-    if unknown:
-        raise AniPortraitError(f"protocol.generation.scheduler: {unknown} are not settings of the bundle's "
-                               f"{type(scheduler).__name__} (it has {sorted(k for k in scheduler.config if not k.startswith('_'))})")
-    return type(scheduler).from_config(scheduler.config, **dict(overrides))
 
 
 # -- entry ------------------------------------------------------------------------------------------------

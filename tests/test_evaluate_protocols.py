@@ -74,15 +74,15 @@ def test_generation_can_change_the_bundles_sampling_scheduler():
     """protocol.generation.scheduler: e.g. the official linear betas on a bundle trained from scratch (which samples
     with its training betas); the rest of the bundle's scheduler is kept, and a setting it lacks is refused."""
     from aniportrait.errors import AniPortraitError
-    from aniportrait.evaluation import _scheduler_with
+    from aniportrait.inference import build_sampling_scheduler
     from aniportrait.models.schedulers import INFERENCE_V2_SCHEDULER, build_scheduler
 
     bundle_scheduler = build_scheduler({**INFERENCE_V2_SCHEDULER, "beta_schedule": "scaled_linear"})
-    assert _scheduler_with(bundle_scheduler, {}) is bundle_scheduler
-    changed = _scheduler_with(bundle_scheduler, {"beta_schedule": "linear"})
+    key = "protocol.generation.scheduler"
+    changed = build_sampling_scheduler({"_target_": "DDIMScheduler", "beta_schedule": "linear"}, bundle_scheduler, key)
     official = build_scheduler(INFERENCE_V2_SCHEDULER)
     assert type(changed) is type(official) and changed.config.prediction_type == "v_prediction"
     assert changed.alphas_cumprod.equal(official.alphas_cumprod)
     assert not changed.alphas_cumprod.equal(bundle_scheduler.alphas_cumprod)
     with pytest.raises(AniPortraitError, match="protocol.generation.scheduler.*beta_shedule"):
-        _scheduler_with(bundle_scheduler, {"beta_shedule": "linear"})
+        build_sampling_scheduler({"_target_": "DDIMScheduler", "beta_shedule": "linear"}, bundle_scheduler, key)

@@ -15,6 +15,7 @@ Every output is written under a temporary name and renamed when complete, so a f
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,23 +80,28 @@ def stitch_chunks(chunks: Iterable[np.ndarray], overlap: int) -> Iterator[np.nda
 
 
 
-def build_sampling_scheduler(choice: Any, base: Any) -> Any:
+def build_sampling_scheduler(choice: Any, base: Any, key: str = "scheduler") -> Any:
     """``scheduler=``: another diffusers scheduler for sampling, built with ``from_config`` on the bundle's
     scheduler config (so v-prediction, zero-terminal-SNR betas and timestep spacing carry over) plus overrides.
-    ``choice``: a class name of diffusers ("DPMSolverMultistepScheduler") or {_target_: diffusers.X, **overrides}."""
+    ``choice``: a class name of diffusers ("DPMSolverMultistepScheduler") or {_target_: diffusers.X, **overrides}.
+    An override the class does not take is refused (diffusers would ignore it); errors name ``key``."""
     import diffusers
 
     if isinstance(choice, str):
         choice = {"_target_": choice}
     if not isinstance(choice, Mapping) or not choice.get("_target_"):
-        raise AniPortraitError(f"scheduler={choice!r}: give a diffusers scheduler class, e.g. "
+        raise AniPortraitError(f"{key}={choice!r}: give a diffusers scheduler class, e.g. "
                                "scheduler=DPMSolverMultistepScheduler or '{_target_: diffusers.UniPCMultistepScheduler}'")
     overrides = dict(choice)
     name = str(overrides.pop("_target_")).removeprefix("diffusers.").removeprefix("schedulers.")
     cls = getattr(diffusers, name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
-        raise AniPortraitError(f"scheduler: {name!r} is not a diffusers scheduler (e.g. DDIMScheduler, "
+        raise AniPortraitError(f"{key}: {name!r} is not a diffusers scheduler (e.g. DDIMScheduler, "
                                "DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler)")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise AniPortraitError(f"{key}: {unknown} are not settings of {name} (it takes {sorted(accepted)})")
     if name == "DPMSolverMultistepScheduler":  # zero terminal SNR: the last step must land on sigma 0
         overrides.setdefault("final_sigmas_type", "zero")
     return cls.from_config(base.config, **overrides)

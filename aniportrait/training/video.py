@@ -301,15 +301,16 @@ class _VideoDiffusionModule(pl.LightningModule):
     def _capture_cuda_graphs_later(self) -> None:
         """``model.performance.cuda_graphs``: the conditional prediction is captured at the first training step
         (aniportrait/training/graphed.py); the settings it cannot honour are refused here, before training."""
-        trainer = self.trainer if self._trainer is not None else None
-        check_cuda_graph_settings(
-            device_type=trainer.strategy.root_device.type if trainer is not None else self.device.type,
-            strategy=type(trainer.strategy).__name__ if trainer is not None else "SingleDeviceStrategy",
-            compile_options=self.performance["compile"],
-            accumulate_grad_batches=trainer.accumulate_grad_batches if trainer is not None else 1,
-            gradient_checkpointing=bool(self.hparams.gradient_checkpointing),
-            uncond_per_sample=bool(self.loss_settings["uncond_per_sample"]))
-        precision = str(trainer.precision) if trainer is not None else "32-true"
+        trainer = self._trainer
+        if trainer is None:  # a module stepped by hand (tests): its own device, full precision
+            device, strategy, accumulate, precision = self.device.type, "SingleDeviceStrategy", 1, "32-true"
+        else:
+            device, strategy = trainer.strategy.root_device.type, type(trainer.strategy).__name__
+            accumulate, precision = trainer.accumulate_grad_batches, str(trainer.precision)
+        check_cuda_graph_settings(device_type=device, strategy=strategy, compile_options=self.performance["compile"],
+                                  accumulate_grad_batches=accumulate,
+                                  gradient_checkpointing=bool(self.hparams.gradient_checkpointing),
+                                  uncond_per_sample=bool(self.loss_settings["uncond_per_sample"]))
         autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self._graphed_prediction = GraphedPrediction(self.pose_guider, self.reference_unet, self.denoising_unet,
                                                      self.reference_control, autocast)
