@@ -309,7 +309,8 @@ class _VideoDiffusionModule(pl.LightningModule):
             accumulate, precision = trainer.accumulate_grad_batches, str(trainer.precision)
         check_cuda_graph_settings(device_type=device, strategy=strategy, compile_options=self.performance["compile"],
                                   accumulate_grad_batches=accumulate,
-                                  gradient_checkpointing=bool(self.hparams.gradient_checkpointing),
+                                  gradient_checkpointing=any(unet.is_gradient_checkpointing  # what the nets do
+                                                             for unet in (self.reference_unet, self.denoising_unet)),
                                   uncond_per_sample=bool(self.loss_settings["uncond_per_sample"]))
         autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self._graphed_prediction = GraphedPrediction(self.pose_guider, self.reference_unet, self.denoising_unet,
@@ -580,9 +581,13 @@ class _VideoDiffusionModule(pl.LightningModule):
             result[name] = state
         return result
 
+    def exported_sampling(self) -> dict[str, Any]:
+        """The sampling settings the bundle records as its default (a distilled student adds its own beside)."""
+        return self.sampling
+
     def bundle_settings(self) -> dict[str, Any]:
         data = self.data_settings
-        sampling = self.sampling
+        sampling = self.exported_sampling()
         return {"video": {
             "stage": self.stage,
             "width": data.get("width"),

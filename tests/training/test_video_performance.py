@@ -71,9 +71,23 @@ def test_cuda_graphs_refuse_what_a_captured_step_cannot_do():
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_compute_the_eager_step():
+def test_cuda_graphs_compute_the_eager_step(monkeypatch):
     """Two steps on one batch, eager and replayed from the graphs: the same losses, gradients and BatchNorm
-    statistics (the capture's warm-up passes must not move them)."""
+    statistics (the capture's warm-up passes must not move them). Full fp32 and deterministic kernels: with cuDNN's
+    default TF32 convolutions the two runs may pick different algorithms, and the gradients then differ by ~5e-4
+    (measured on an H200) from rounding alone, which would hide a real difference of that size."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 matmuls either
+    try:
+        _compare_graphed_with_eager()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _compare_graphed_with_eager():
 
     def steps(cuda_graphs):
         torch.manual_seed(0)
