@@ -119,12 +119,14 @@ class AniPortrait:
     (CUDA if present), "cpu", "cuda:1", ... dtype: stage B's precision, "auto" (GPU: fp16 with the bundle's official
     preset, else bf16; fp32 on CPU), "fp32", "bf16" or "fp16"; stage A runs in fp32 as official. backbone: replaces
     the bundle's ``base_models.video`` (the VAE and image encoder, e.g. local copies). landmarker_model: MediaPipe's
-    face_landmarker .task for image portraits and driving videos.
+    face_landmarker .task for image portraits and driving videos. fast: sample with the bundle's distilled student
+    (``model=video_distill``: a few LCM steps without guidance; its steps and guidance are the defaults of every call).
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle | None = None, device: str | torch.device | None = "auto",
                  dtype: str | torch.dtype | None = None, backbone: Mapping[str, Any] | None = None,
-                 landmarker_model: str | os.PathLike | None = None, compile: bool | Mapping[str, Any] = False):
+                 landmarker_model: str | os.PathLike | None = None, compile: bool | Mapping[str, Any] = False,
+                 fast: bool = False):
         self._bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle) if bundle else None
         self.device = resolve_device(None if device is None else str(device))
         self.dtype = resolve_dtype(dtype, self.device)
@@ -134,6 +136,7 @@ class AniPortrait:
         self._motion_model: MotionModel | None = None
         self._pipeline = None
         self.compile = compile  # torch.compile of stage B's UNet and VAE decoder (GPU; minutes once, then faster)
+        self.fast = bool(fast)  # the bundle's distilled few-step student (model=video_distill) instead of the teacher
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = "auto", **kwargs: Any) -> AniPortrait:
@@ -183,7 +186,8 @@ class AniPortrait:
         if self._pipeline is None:
             from aniportrait.pipelines.pose2video import Pose2VideoPipeline
 
-            pipeline = Pose2VideoPipeline.from_bundle(self.bundle, self.device, self.dtype, backbone=self.backbone)
+            pipeline = Pose2VideoPipeline.from_bundle(self.bundle, self.device, self.dtype, backbone=self.backbone,
+                                                      distilled=self.fast)
             self._pipeline = pipeline.optimize(compile=self.compile) if self.compile else pipeline
         return self._pipeline
 

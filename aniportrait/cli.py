@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aniportrait.errors import AniPortraitError
-from aniportrait.utils import signals
+from aniportrait.utils import signals, values
 
 __all__ = ["train", "evaluate", "infer", "bundle", "config_dir", "INFER_MODES", "infer_task", "options_from_config"]
 
@@ -306,7 +306,8 @@ def infer_task(cfg: DictConfig):
     if mode != "batch":
         check_output_path(cfg.get("output"))
     ap = AniPortrait(bundle=cfg.get("bundle"), device=cfg.get("device"), dtype=cfg.get("dtype"),
-                     landmarker_model=(cfg.get("face") or {}).get("landmarker_model"), compile=bool(cfg.get("compile")))
+                     landmarker_model=(cfg.get("face") or {}).get("landmarker_model"), compile=bool(cfg.get("compile")),
+                     fast=values.boolean("fast", cfg.get("fast") or False))
     return INFER_MODES[mode](ap, cfg, options)
 
 

@@ -3,12 +3,11 @@ animates again with a custom audio processor."""
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 
 import nbclient
 import nbformat
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"

@@ -224,6 +224,19 @@ class ReferenceAttentionControl:
                 attn.set_processor(processor)
                 self._processors.append((attn, processor))
 
+    def add_reader(self, unet: nn.Module) -> None:
+        """Make another UNet of the denoising UNet's structure read this bank too (a distilled student beside its
+        teacher: one ReferenceNet pass, read by both)."""
+        paths = self_attention_paths(unet)
+        if tuple(paths) != self.paths:
+            raise AniPortraitError(f"add_reader: the UNet's self-attention blocks differ from the denoising UNet's "
+                                   f"({len(paths)} vs {len(self.paths)} blocks)")
+        for path in self.paths:
+            attn = unet.get_submodule(path)
+            processor = ReferenceReaderProcessor(self, path)
+            attn.set_processor(processor)
+            self._processors.append((attn, processor))
+
     def write(self) -> None:
         """Empty the bank and store the self-attention tokens of the next ReferenceNet forward."""
         self._check_installed()

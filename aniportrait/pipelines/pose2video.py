@@ -122,15 +122,17 @@ def _naming(key: str, location: str) -> Iterator[None]:
                                "the backbone= override) at a local directory or hub id holding the model") from error
 
 
-def _load_denoising_unet(bundle: Bundle) -> UNet3DConditionModel:
-    """The 2-D weights (``denoising_unet``) plus, when present, the motion modules (``motion_module``)."""
-    with_motion = bundle.has("motion_module")
-    config = dict(bundle.components["motion_module" if with_motion else "denoising_unet"]["config"])
+def _load_denoising_unet(bundle: Bundle, prefix: str = "") -> UNet3DConditionModel:
+    """The 2-D weights (``denoising_unet``) plus, when present, the motion modules (``motion_module``); with
+    ``prefix="distilled_"`` the distilled student's (``model=video_distill``)."""
+    unet_name, motion_name = f"{prefix}denoising_unet", f"{prefix}motion_module"
+    with_motion = bundle.has(motion_name)
+    config = dict(bundle.components[motion_name if with_motion else unet_name]["config"])
     unet = UNet3DConditionModel(**{**config, "use_motion_module": with_motion})
-    load_state_dict_checked(unet, bundle.state_dict("denoising_unet"), f"denoising_unet ({bundle.path})",
+    load_state_dict_checked(unet, bundle.state_dict(unet_name), f"{unet_name} ({bundle.path})",
                             allow_missing=(MOTION_MODULE_KEYS,) if with_motion else ())
     if with_motion:
-        unet.load_motion_modules(bundle.state_dict("motion_module"))
+        unet.load_motion_modules(bundle.state_dict(motion_name))
     else:
         log.info("bundle %s has no motion_module: frames are generated independently (a stage-1 model)", bundle.path)
     return unet.eval()
@@ -169,7 +171,7 @@ class Pose2VideoPipeline:
     def from_bundle(cls, bundle: Bundle | str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None, backbone: Mapping[str, Any] | None = None,
                     scheduler: Mapping[str, Any] | None = None,
-                    preset: str | SamplingPreset | None = None) -> Pose2VideoPipeline:
+                    preset: str | SamplingPreset | None = None, distilled: bool = False) -> Pose2VideoPipeline:
         """Build from a bundle with stage-B components plus the base models it names.
 
         dtype: None = float32 on CPU; on CUDA float16 with the official preset (as the official scripts), else
@@ -177,11 +179,19 @@ class Pose2VideoPipeline:
         elsewhere on this machine). scheduler: overrides the bundle's sampling scheduler config. preset: overrides
         the bundle's ``settings.video.sampling`` (``official`` in bundles imported from the release, else
         ``project``). A bundle with its own ``vae`` component decodes with it; the image encoder always comes
-        from the base models.
+        from the base models. distilled: sample with the bundle's distilled student (``model=video_distill``) and
+        its sampler, steps and guidance (``settings.video.distilled``) instead of the teacher.
         """
         bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         bundle.require("reference_unet", "denoising_unet", "pose_guider", purpose="pose-to-video generation")
         settings = dict(bundle.settings.get("video", {}))
+        if distilled:
+            if not bundle.has("distilled_denoising_unet") or "distilled" not in settings:
+                raise AniPortraitError(f"bundle {bundle.path} has no distilled student (fast=true / distilled=True): "
+                                       "train one with `python train.py model=video_distill model.teacher=BUNDLE`, "
+                                       "or sample the teacher (fast=false)")
+            student = dict(settings["distilled"])
+            settings.update({key: student[key] for key in ("scheduler", "num_inference_steps", "guidance_scale")})
         backbone = backbone or bundle.base_models.get("video")
         if not backbone:
             raise AniPortraitError(f"bundle {bundle.path} names no base_models.video (VAE and image encoder); pass "
@@ -191,7 +201,7 @@ class Pose2VideoPipeline:
         if own_vae:
             vae = bundle.load("vae")
         pipeline = cls(vae, image_encoder, clip_image_processor, bundle.load("reference_unet"),
-                       _load_denoising_unet(bundle), bundle.load("pose_guider"),
+                       _load_denoising_unet(bundle, "distilled_" if distilled else ""), bundle.load("pose_guider"),
                        build_scheduler(scheduler or settings.get("scheduler")),
                        pose_scaling=settings.get("pose_scaling", "official_inference"),
                        preset=preset or settings.get("sampling", "project"))
