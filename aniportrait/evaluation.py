@@ -533,7 +533,7 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
     from aniportrait.pipelines.pose2video import Pose2VideoPipeline
 
     name, generation = protocol["name"], protocol.get("generation", {})
-    pipeline = Pose2VideoPipeline.from_bundle(bundle, device)
+    pipeline = Pose2VideoPipeline.from_bundle(bundle, device, distilled=bool(generation.get("distilled")))
     if generation.get("scheduler"):  # settings of the bundle's sampling scheduler changed
         pipeline.scheduler = build_sampling_scheduler({"_target_": type(pipeline.scheduler).__name__,
                                                        **generation["scheduler"]}, pipeline.scheduler,

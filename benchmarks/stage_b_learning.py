@@ -15,6 +15,13 @@ once with the full model and once per ablation of the same weights:
 
 Targets (issue 12): psnr >= copy_reference.psnr + 1 dB and lmd_mouth <= 0.5 x copy_reference.lmd_mouth.
 
+With ``--distill-seconds S`` the run also distils stage 2 into a few-step student (stage 3, ``model=video_distill``)
+and generates the same clips with it and with undistilled few-step sampling of the teacher (issue 17):
+
+    student_4 / _2 / _1  the student, 4 / 2 / 1 LCM steps, no guidance  -> within 1 dB of the teacher (full, 25 DDIM
+    ddim_4, dpm_4        the teacher, 4 DDIM / DPM-Solver++ steps          steps, guidance 3.5) against ground truth,
+                                                                             and better than ddim_4 / dpm_4
+
 The GPU has no MediaPipe, so the work is split in two phases:
 
     # 1. here (CPU): the held-out real dataset, carried to the GPU machine (ignored folder .device_carry/)
@@ -68,6 +75,13 @@ UNSEEN_VARIANTS: dict[str, list[str]] = {"unseen_full": [], "unseen_no_reference
 SCHEDULE_VARIANTS: dict[str, dict[str, str]] = {"official_linear_betas": {"beta_schedule": "linear"}}
 SYNTHETIC = {"identities": 100, "clips_per_identity": 4, "clip_seconds": 4.0, "size": 256, "seed": 0}
 STAGES = ("vae", "video_stage1", "video_stage2")
+# --distill-seconds: the student and undistilled few-step sampling of its teacher (protocol.generation settings)
+FAST_VARIANTS: dict[str, dict[str, Any]] = {
+    "student_4": {"distilled": True, "steps": 4}, "student_2": {"distilled": True, "steps": 2},
+    "student_1": {"distilled": True, "steps": 1}, "ddim_4": {"steps": 4},
+    "dpm_4": {"steps": 4, "scheduler": {"_target_": "DPMSolverMultistepScheduler"}},
+}
+PACK_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB: larger packs are split into parts
 
 
 def run(command: list[str], env: dict[str, str], log: Path, timeout: float | None = None, check: bool = True) -> str:
@@ -141,9 +155,17 @@ def _duration(seconds: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _budgets(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per trained stage (stage 3 only with --distill-seconds)."""
+    seconds = {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds}
+    if args.distill_seconds:
+        seconds["video_distill"] = args.distill_seconds
+    return seconds
+
+
 def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     workers = args.workers
-    seconds = {"vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds}
+    seconds = _budgets(args)
     overrides = [
         f"backbone={'tiny' if args.tiny else 'small'}", "model=all", "model.stages.audio.enabled=false",
         "data=clips", f"data.root={root}", f"trainer={'cpu' if args.tiny else 'gpu'}", "held_out_videos.num_frames=48",
@@ -153,8 +175,9 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     ]
     if not args.tiny:
         overrides += [f"backbone.video.width={args.size}", f"backbone.video.height={args.size}"]
-    batch = {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch}
-    for stage in STAGES:
+    batch = {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch,
+             "video_distill": args.stage2_batch}
+    for stage in seconds:
         prefix = f"model.stages.{stage}"
         overrides += [
             f"{prefix}.trainer.max_steps={args.max_steps}", f"+{prefix}.trainer.max_time={_duration(seconds[stage])}",
@@ -165,9 +188,14 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
                   "model.stages.video_stage1.callbacks.validation_videos.num_videos=1",
                   "model.stages.video_stage2.callbacks.validation_videos.num_videos=1",
                   f"model.stages.vae.optimizer.lr={args.vae_lr}"]
+    if args.distill_seconds:
+        overrides += ["model.stages.video_distill.enabled=true",
+                      "model.stages.video_distill.gradient_checkpointing=false",
+                      "model.stages.video_distill.callbacks.validation_videos.num_videos=1",
+                      f"model.stages.video_distill.optimizer.lr={args.distill_lr}"]
     if args.color_jitter:  # stage B only: the VAE should reconstruct what it sees
         overrides += [f"model.stages.{stage}.loader.color_jitter=[{args.color_jitter}]"
-                      for stage in ("video_stage1", "video_stage2")]
+                      for stage in ("video_stage1", "video_stage2", "video_distill") if stage in seconds]
     if args.vae_patch:
         overrides += [f"model.stages.vae.train_patch_size={args.vae_patch}"]
     if args.channels_last:
@@ -181,13 +209,16 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
 
 
 def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, ablate: list[str],
-                        scheduler: dict[str, str], out_dir: Path) -> list[str]:
+                        scheduler: dict[str, str], out_dir: Path, steps: int | None = None,
+                        distilled: bool = False) -> list[str]:
     """evaluate.py's overrides for one variant: the test clips of ``root`` generated with ``bundle``, the paths in
-    ``ablate`` cut and the sampling scheduler's ``scheduler`` settings changed."""
+    ``ablate`` cut, the sampling scheduler's ``scheduler`` settings changed, ``steps`` steps (default ``--steps``),
+    with the bundle's distilled student where ``distilled`` (its sampler, no guidance)."""
     return [f"bundle={bundle}", "data=clips", f"data.root={root}", "protocol=self_reenactment",
             f"protocol.generation.ablate=[{','.join(ablate)}]",
             *(f"+protocol.generation.scheduler.{key}={value}" for key, value in scheduler.items()),
-            f"protocol.generation.steps={args.steps}", f"protocol.clips={args.test_clips or 'null'}",
+            f"protocol.generation.steps={steps or args.steps}", f"protocol.clips={args.test_clips or 'null'}",
+            f"protocol.generation.distilled={str(distilled).lower()}",
             "metrics.enabled=[ssim,psnr]", "metrics.download=false", f"output_dir={out_dir}", "num_workers=2",
             "overwrite=true"]
 
@@ -195,7 +226,7 @@ def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, abla
 def _csv_metrics(run_dir: Path) -> dict[str, list[dict[str, float]]]:
     """Per stage, the rows of its CSV log (step + whatever was logged)."""
     curves = {}
-    for stage in STAGES:
+    for stage in (*STAGES, "video_distill"):
         files = sorted(run_dir.glob(f"csv/{stage}/metrics.csv")) or sorted(run_dir.glob(f"{stage}/**/metrics.csv"))
         if not files:
             continue
@@ -227,8 +258,7 @@ def train_and_generate(args: argparse.Namespace) -> None:
         final = dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout))  # train.py's closing table
         train_seconds = time.perf_counter() - started - data_seconds
         trained.write_text(json.dumps({"bundle": str(bundle), "root": str(root), "final": final, "seconds": {
-            "data": round(data_seconds, 1), "train": round(train_seconds, 1)}, "budget_seconds": {
-            "vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds}},
+            "data": round(data_seconds, 1), "train": round(train_seconds, 1)}, "budget_seconds": _budgets(args)},
             indent=1))
     if args.phase == "train":
         return
@@ -238,16 +268,21 @@ def train_and_generate(args: argparse.Namespace) -> None:
     bundle, root = Path(record_in["bundle"]), Path(record_in["root"])
     started = time.perf_counter()
 
-    variants = {variant: (ablate, root, {}) for variant, ablate in VARIANTS.items()}
+    variants = {variant: (ablate, root, {}, {}) for variant, ablate in VARIANTS.items()}
     if args.dataset == "synthetic" and args.unseen_identities:
         unseen_root = _synthetic_root(work, args.tiny, unseen=args.unseen_identities)
-        variants.update({variant: (ablate, unseen_root, {}) for variant, ablate in UNSEEN_VARIANTS.items()})
-    variants.update({variant: ([], root, settings) for variant, settings in SCHEDULE_VARIANTS.items()})
+        variants.update({variant: (ablate, unseen_root, {}, {}) for variant, ablate in UNSEEN_VARIANTS.items()})
+    variants.update({variant: ([], root, settings, {}) for variant, settings in SCHEDULE_VARIANTS.items()})
+    if "video_distill" in record_in.get("budget_seconds", {}):  # the bundle holds a distilled student
+        variants.update({variant: ([], root, dict(spec.get("scheduler", {})),
+                                   {"steps": spec["steps"], "distilled": spec.get("distilled", False)})
+                         for variant, spec in FAST_VARIANTS.items()})
 
     def evaluate(variant: str) -> tuple[str, dict[str, Any] | None]:
         out_dir = work / "eval" / variant
-        ablate, data_root, scheduler = variants[variant]
-        run([sys.executable, "evaluate.py", *_evaluate_overrides(args, bundle, data_root, ablate, scheduler, out_dir)],
+        ablate, data_root, scheduler, sampling = variants[variant]
+        run([sys.executable, "evaluate.py", *_evaluate_overrides(args, bundle, data_root, ablate, scheduler, out_dir,
+                                                                 **sampling)],
             env, work / f"evaluate_{variant}.log", timeout=args.eval_timeout,
             check=False)  # a failed variant is reported; the others still run
         metrics = out_dir / "metrics.json"
@@ -261,30 +296,61 @@ def train_and_generate(args: argparse.Namespace) -> None:
         "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips,
         "clips_per_identity": args.clips_per_identity if args.dataset == "synthetic" else None,
         "color_jitter": args.color_jitter, "vae_patch": args.vae_patch, "channels_last": args.channels_last,
-        "cuda_graphs": args.cuda_graphs,
+        "cuda_graphs": args.cuda_graphs, "distill_learning_rate": args.distill_lr if args.distill_seconds else None,
         "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
         "budget_seconds": record_in.get("budget_seconds") or {  # what the train phase ran with
             "vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds},
-        "batch": {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch},
+        "batch": {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch,
+                  **({"video_distill": args.stage2_batch} if args.distill_seconds else {})},
         "learning_rate": args.lr, "sampling_steps": args.steps,
         "final_metrics": {k: float(v) for k, v in record_in["final"].items()},
         "curves": _csv_metrics(run_dir), "gpu_metrics": evaluations, "gpu": _gpu_name(),
     }
     (work / "record.json").write_text(json.dumps(record, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    with tarfile.open(partial, "w:gz") as tar:
-        tar.add(work / "record.json", arcname="record.json")
-        for variant in VARIANTS:
-            if (work / "eval" / variant / "generated").is_dir():
-                tar.add(work / "eval" / variant / "generated", arcname=f"generated/{variant}")
-        for strip in sorted(run_dir.glob("held_out_strip_*.png")):
-            tar.add(strip, arcname=f"strips/{strip.name}")
-        tar.add(work / "train.log", arcname="train.log")
-    partial.replace(args.out)
-    print(f"pack: {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    members = [(work / "record.json", "record.json"), (work / "train.log", "train.log")]
+    members += [(strip, f"strips/{strip.name}") for strip in sorted(run_dir.glob("held_out_strip_*.png"))]
+    members += [(video, f"generated/{variant}/{video.name}") for variant in (*VARIANTS, *FAST_VARIANTS)
+                for video in sorted((work / "eval" / variant / "generated").glob("*.mp4"))]
+    for path in _write_pack(args.out, members):
+        print(f"pack: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _write_pack(out: Path, members: list[tuple[Path, str]]) -> list[Path]:
+    """``out`` (.tar.gz) holding ``members`` (path, name inside), split into ``out`` + ``<stem>.2.tar.gz``, ... where
+    they would pass :data:`PACK_PART_BYTES` (videos are compressed already: their sizes add up). Each part is written
+    under a temporary name and renamed."""
+    parts: list[list[tuple[Path, str]]] = [[]]
+    size = 0
+    for path, name in members:
+        if parts[-1] and size + path.stat().st_size > PACK_PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append((path, name))
+        size += path.stat().st_size
+    stem = out.name.removesuffix(".tar.gz")
+    written = []
+    for index, part in enumerate(parts):
+        path = out if index == 0 else out.with_name(f"{stem}.{index + 1}.tar.gz")
+        partial = path.with_name(path.name + ".partial")
+        with tarfile.open(partial, "w:gz") as tar:
+            for member, name in part:
+                tar.add(member, arcname=name)
+        partial.replace(path)
+        written.append(path)
+    return written
+
+
+def _extract_pack(pack: Path, work: Path) -> None:
+    """A pack and its parts (``<stem>.2.tar.gz``, ...) into ``work``."""
+    stem = pack.name.removesuffix(".tar.gz")
+    parts = [pack, *sorted(pack.parent.glob(f"{stem}.[0-9]*.tar.gz"),
+                           key=lambda path: int(path.name.removeprefix(f"{stem}.").split(".")[0]))]
+    for part in parts:
+        with tarfile.open(part) as tar:
+            tar.extractall(work, filter="data")
 
 
 def _gpu_name() -> str:
@@ -304,8 +370,7 @@ def _row(metrics: dict[str, Any], method: str) -> dict[str, float | None]:
 
 
 def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
-    with tarfile.open(pack) as tar:
-        tar.extractall(work, filter="data")
+    _extract_pack(pack, work)
     record = json.loads((work / "record.json").read_text())
     if name == "synthetic":
         root = _synthetic_root(work, record["tiny"], identities=record.get("identities"),
@@ -319,14 +384,15 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
     test_clips = [clip.id for clip in Manifest.load(root).split("test")]
     if record.get("test_clips_limit"):  # protocol.clips drew these on the GPU: the full model's are the test set
         test_clips = sorted(path.stem for path in (work / "generated" / "full").glob("*.mp4"))
-    for variant in VARIANTS:
+    fast_variants = [variant for variant in FAST_VARIANTS if (work / "generated" / variant).is_dir()]
+    for variant in (*VARIANTS, *fast_variants):
         generated = work / "generated" / variant
         coverage[variant] = sorted(path.stem for path in generated.glob("*.mp4")) if generated.is_dir() else []
     # Variants are compared on the same clips: those every variant with any video has (all of them normally; fewer
     # when generation on the GPU was cut short). A variant with none is reported as missing.
     present = [clips for clips in coverage.values() if clips]
     common = sorted(set.intersection(*map(set, present))) if present else []
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, *fast_variants):
         out_dir = work / "scores" / variant
         generated = work / "common" / variant
         generated.mkdir(parents=True, exist_ok=True)
@@ -388,6 +454,7 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
                  for variant, settings in SCHEDULE_VARIANTS.items() if record["gpu_metrics"].get(variant)}
     if schedules and record["gpu_metrics"].get("full"):  # the same clips, on the GPU, with the bundle's own betas
         schedules["bundle"] = {key: record["gpu_metrics"]["full"]["generated"].get(key) for key in ("psnr", "ssim")}
+    distillation = _distillation_scores(work, fast_variants, common, scored, full)
     curves = record["curves"]
     training = {stage: {"steps": steps, "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
                 for stage, steps in _stage_steps(curves).items()}
@@ -395,6 +462,7 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         **full, "copy_reference": copy, "ground_truth": truth, "ablations": ablations, "targets": targets,
         **({"unseen_identities": unseen} if unseen else {}),
         **({"sampling_schedules": schedules} if schedules else {}),
+        **({"distillation": distillation} if distillation else {}),
         "training": {"stages": training, "train_minutes": round(record["seconds"]["train"] / 60, 2),
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],
@@ -406,6 +474,44 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         "end_of_training_metrics": record["final_metrics"], "_curves": curves, "_strips": sorted(
             str(path) for path in (work / "strips").glob("*.png")),
     }
+
+
+def _psnr_between(generated: Path, reference: Path, clips: list[str], score_from: int = 1) -> float | None:
+    """Mean per-frame PSNR (dB) of one variant's videos against another's (the teacher's), frames ``score_from`` on."""
+    import numpy as np
+
+    from aniportrait.data.video import read_video
+
+    values = []
+    for clip in clips:
+        if not ((generated / f"{clip}.mp4").is_file() and (reference / f"{clip}.mp4").is_file()):
+            continue
+        a, b = read_video(generated / f"{clip}.mp4"), read_video(reference / f"{clip}.mp4")
+        count = min(len(a), len(b))
+        error = ((a[score_from:count].astype(np.float64) - b[score_from:count]) ** 2).mean(axis=(1, 2, 3))
+        values += (10 * np.log10(255.0**2 / np.maximum(error, 1e-10))).tolist()
+    return float(np.mean(values)) if values else None
+
+
+def _distillation_scores(work: Path, variants: list[str], clips: list[str], scored: dict[str, Any],
+                         teacher: dict[str, Any]) -> dict[str, Any]:
+    """Issue 17's figures: every few-step variant against ground truth (PSNR, SSIM, mouth landmarks) and against the
+    teacher's 25-step frames (PSNR), and the targets on the 4-step student."""
+    if not variants:
+        return {}
+    rows = {variant: {**_row(scored[variant], "generated"),
+                      "psnr_vs_teacher": _psnr_between(work / "common" / variant, work / "common" / "full", clips)}
+            for variant in variants}
+    result: dict[str, Any] = {"teacher": {key: teacher[key] for key in ("psnr", "ssim", "mouth_lmd")}, **rows}
+    student, undistilled = rows.get("student_4", {}), [rows[v]["psnr"] for v in ("ddim_4", "dpm_4") if v in rows]
+    if student.get("psnr") is not None and teacher.get("psnr") is not None:
+        gap = teacher["psnr"] - student["psnr"]
+        result["targets"] = {
+            "student_4_gap_to_teacher_db": gap, "student_4_within_1db_of_teacher": gap <= 1.0,
+            "best_undistilled_4_step_psnr": max(undistilled, default=None),
+            "student_4_beats_undistilled_4_step": bool(undistilled) and student["psnr"] > max(undistilled),
+        }
+    return result
 
 
 def _plot_curves(results: dict[str, Any], path: Path) -> None:
@@ -543,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vae-seconds", type=float, default=120)
     train.add_argument("--stage1-seconds", type=float, default=210)
     train.add_argument("--stage2-seconds", type=float, default=70)
+    train.add_argument("--distill-seconds", type=float, default=0,
+                       help="stage 3: distil stage 2 into a few-step student for this long (0: no stage 3)")
+    train.add_argument("--distill-lr", type=float, default=1e-4, help="stage 3's learning rate")
     train.add_argument("--max-steps", type=int, default=1_000_000, help="per stage (the time budgets end them first)")
     train.add_argument("--val-every", type=int, default=250, help="steps between validations (the curves)")
     train.add_argument("--vae-batch", type=int, default=16)

@@ -18,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # the checkout (scripts in benchmarks/), then the wheels
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-W=${WORK:-$PWD/.device_work}
+W=${WORK:-$PWD/.device_work}; mkdir -p "$W"
 PHASE=${PHASE:-all}
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 DATASETS=${DATASETS:-synthetic real}
@@ -30,18 +30,20 @@ for name in $DATASETS; do
     *) echo "DATASETS: unknown dataset '$name' (synthetic, real)" >&2; exit 2 ;;
   esac
   python3 benchmarks/stage_b_learning.py train --dataset "$name" ${data[@]+"${data[@]}"} --work "$W/$name" \
-    --out "$OUT/$name.tar.gz" --phase "$PHASE" "$@" > "$OUT/$name.log" 2>&1 &
+    --out "$OUT/$name.tar.gz" --phase "$PHASE" "$@" > "$W/$name.$PHASE.log" 2>&1 &
   jobs+=($!)
 done
 ( while sleep 20; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ps -eo pid,etimes,pcpu,rss,args --sort=-pcpu | grep -E "[p]ython3 .*(train|evaluate)\.py" | cut -c1-160 | head -4
-  done ) > "$OUT/gpu_usage.log" 2>&1 &
+  done ) > "$W/gpu_usage.$PHASE.log" 2>&1 &
 monitor=$!
 status=0
 for job in "${jobs[@]}"; do wait "$job" || status=$?; done
 kill "$monitor" 2>/dev/null
+# $OUT returns at most 8 files of 16 MiB: every log travels in one archive, beside the packs (split into parts)
 ( cd "$W" && tar -czf "$OUT/logs.tar.gz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.mp4' \
-    */train.log */evaluate_*.log */logs/train/*/*/train.log 2>/dev/null )
-for name in $DATASETS; do echo "== $name"; tail -n 12 "$OUT/$name.log"; done
-sort -t, -k2 -n "$OUT/gpu_usage.log" | tail -n 1 | sed 's/^/peak sample: /'
+    *.log */train.log */evaluate_*.log */logs/train/*/*/train.log 2>/dev/null )
+for name in $DATASETS; do echo "== $name"; tail -n 12 "$W/$name.$PHASE.log"; done
+sort -t, -k2 -n "$W/gpu_usage.$PHASE.log" | tail -n 1 | sed 's/^/peak sample: /'
+ls -la "$OUT"
 exit $status

@@ -203,6 +203,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                         "cudnn_benchmark": True},
     "cuda_graphs": {"performance": {"cuda_graphs": True}},
     "graphs_fused": {"performance": {"cuda_graphs": True}, "fused": True, "cudnn_benchmark": True},
+    "graphs_fast": {"performance": {"cuda_graphs": True, "channels_last": True}, "fused": True, "cudnn_benchmark": True},
 }
 
 

@@ -90,7 +90,7 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
     spec.loader.exec_module(benchmark)
     args = benchmark.build_parser().parse_args([
         "train", "--dataset", "synthetic", "--work", str(tmp_path), "--out", str(tmp_path / "pack.tar.gz"),
-        "--vae-patch", "128", "--channels-last", "--profile", "--cuda-graphs"])
+        "--vae-patch", "128", "--channels-last", "--profile", "--cuda-graphs", "--distill-seconds", "60"])
     cfg = _compose("train", benchmark._train_overrides(args, tmp_path), tmp_path)
     stages = cfg.model.stages
     assert stages.vae.train_patch_size == 128 and stages.vae.channels_last is True
@@ -109,3 +109,14 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
         generation = evaluate.protocol.generation
         assert dict(generation.scheduler) == settings and list(generation.ablate) == ["reference"]
         assert evaluate.protocol.clips == 8 and generation.steps == 25
+    distill = stages.video_distill
+    assert distill.enabled and distill.trainer.max_time == "00:00:01:00" and distill.loader.batch_size == 4
+    assert distill.optimizer.lr == 1e-4 and not distill.gradient_checkpointing
+    assert not distill.performance.cuda_graphs  # the graphs capture stage 1 / 2's prediction only
+    for variant, spec in benchmark.FAST_VARIANTS.items():  # the few-step variants of issue 17
+        evaluate = _compose("evaluate", benchmark._evaluate_overrides(
+            args, tmp_path / "bundle", tmp_path, [], dict(spec.get("scheduler", {})), tmp_path / variant,
+            steps=spec["steps"], distilled=spec.get("distilled", False)), tmp_path)
+        generation = evaluate.protocol.generation
+        assert generation.steps == spec["steps"] and generation.distilled == spec.get("distilled", False)
+        assert dict(generation.scheduler) == spec.get("scheduler", {})
