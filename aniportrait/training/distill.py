@@ -369,15 +369,24 @@ class VideoDistillModule(VideoStage2Module):
         self.reference_control.clear()
         return F.mse_loss(denoised.float(), teacher)
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer's step, then the target's: inside the training batch, so that a checkpoint written at its
+        end (callbacks run before the module's own batch-end hook) holds the target that the next step reads."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_target()
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """target <- decay * target + (1 - decay) * student."""
+        if self.target_unet is None:
+            return
+        decay = float(self.distillation["target_ema_decay"])
+        targets = list(self.target_unet.parameters())
+        torch._foreach_lerp_(targets, [p.detach().to(t.dtype) for p, t in
+                                       zip(self.student_unet.parameters(), targets)], 1.0 - decay)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.reference_control.clear()
-        if self.target_unet is not None and self.global_step != self._ema_step:
-            decay = float(self.distillation["target_ema_decay"])
-            with torch.no_grad():
-                targets = list(self.target_unet.parameters())
-                torch._foreach_lerp_(targets, [p.detach().to(t.dtype) for p, t in
-                                               zip(self.student_unet.parameters(), targets)], 1.0 - decay)
-            self._ema_step = self.global_step
 
     # -- sampling and export -------------------------------------------------------------------------------
 

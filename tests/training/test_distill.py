@@ -112,11 +112,17 @@ def test_distillation_trains_only_the_student_and_its_consistency_loss_falls(tea
     assert len(moved) > 50
 
 
-def test_the_target_network_follows_the_student_by_its_decay(teacher):
+def test_the_target_network_follows_the_student_by_its_decay(teacher, source, tmp_path):  # noqa: F811
     module = student_of(teacher)  # target_ema_decay 0.95
+    start = module.target_unet.conv_in.weight.detach().clone()
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=datamodule(source, n_sample_frames=4, sample_rate=[1],
+                                                                      batch_size=1))
+    expected = 0.95 * start + 0.05 * module.student_unet.conv_in.weight.detach()
+    assert not torch.equal(module.student_unet.conv_in.weight, start)  # the optimizer step moved the student
+    torch.testing.assert_close(module.target_unet.conv_in.weight.detach(), expected)
     target_before = {name: param.detach().clone() for name, param in module.target_unet.named_parameters()}
     randomize(module.student_unet, seed=7)
-    module.on_train_batch_end(None, None, 0)
+    module.update_target()  # what every optimizer step ends with
     for name, param in module.target_unet.named_parameters():
         expected = 0.95 * target_before[name] + 0.05 * dict(module.student_unet.named_parameters())[name]
         torch.testing.assert_close(param, expected)
@@ -167,3 +173,28 @@ def test_a_missing_or_wrong_teacher_is_a_clear_error(tmp_path):
         VideoDistillModule(TINY, distillation={"loss": "l1"})
     with pytest.raises(AniPortraitError, match="model.distillation has unknown keys"):
         VideoDistillModule(TINY, distillation={"steps": 4})
+
+
+def test_resume_from_a_checkpoint_repeats_the_uninterrupted_losses(teacher, source, tmp_path):  # noqa: F811
+    import pytorch_lightning as pl
+    from test_video_training import LossRecorder
+
+    bundle = teacher.export(tmp_path / "teacher")  # model.teacher as a user gives it
+
+    def module() -> VideoDistillModule:
+        return VideoDistillModule(TINY, teacher=str(bundle), gradient_checkpointing=False, seed=3,
+                                  distillation={"validation_teacher_steps": 2}, **FAST)
+
+    data = lambda: datamodule(source, n_sample_frames=4, sample_rate=[1], batch_size=1)  # noqa: E731
+    uninterrupted = LossRecorder()
+    trainer(tmp_path / "a", max_steps=4, callbacks=[uninterrupted]).fit(module(), datamodule=data())
+    first = LossRecorder()
+    saving = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=2, save_top_k=-1,
+                                          filename="step{step}")
+    trainer(tmp_path / "b", max_steps=2, callbacks=[first, saving], enable_checkpointing=True).fit(
+        module(), datamodule=data())
+    resumed, continued = LossRecorder(), module()
+    trainer(tmp_path / "c", max_steps=4, callbacks=[resumed]).fit(continued, datamodule=data(),
+                                                                  ckpt_path=next((tmp_path / "b").glob("*.ckpt")))
+    assert first.losses == uninterrupted.losses[:2]
+    assert resumed.losses == uninterrupted.losses[2:]  # the student, its target and the optimizer came back
