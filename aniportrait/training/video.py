@@ -210,7 +210,6 @@ class _VideoDiffusionModule(pl.LightningModule):
         self._weights_initialised = False
         self._performance_applied = False
         self._graphed_prediction: GraphedPrediction | None = None
-        self._ema_step = -1
         self.last_validated_step = -1
         self.train()  # frozen modules to eval mode (Lightning restores per-module modes after validation)
 
@@ -465,9 +464,13 @@ class _VideoDiffusionModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.reference_control.clear()  # the bank held the graph until backward had run
-        if self.ema is not None and self.global_step != self._ema_step:
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer's step, then the EMA's: inside the training batch, so that a checkpoint written at its end
+        (callbacks run before the module's batch-end hook) holds every update (a resumed run's EMA is the same)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.update(self._trainable_named_parameters())
-            self._ema_step = self.global_step
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         loss = self._diffusion_loss(batch, stream=1, allow_uncond=False)  # fixed noise per sample: comparable runs

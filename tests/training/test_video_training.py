@@ -112,6 +112,9 @@ def test_resume_from_a_checkpoint_repeats_the_uninterrupted_losses(source, tmp_p
     assert first.losses == uninterrupted.losses[:3]
     assert resumed.losses == uninterrupted.losses[3:]
     assert continued.ema is not None and continued.ema.shadow
+    reference = module()
+    trainer(tmp_path / "d", max_steps=5).fit(reference, datamodule=datamodule(source))
+    assert all(torch.equal(continued.ema.shadow[name], tensor) for name, tensor in reference.ema.shadow.items())
 
 
 def test_stage2_without_a_stage1_source_is_a_clear_error():
