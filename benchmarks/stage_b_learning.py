@@ -477,10 +477,12 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
 
 
 def _psnr_between(generated: Path, reference: Path, clips: list[str], score_from: int = 1) -> float | None:
-    """Mean per-frame PSNR (dB) of one variant's videos against another's (the teacher's), frames ``score_from`` on."""
-    import numpy as np
+    """Mean per-frame PSNR (dB; aniportrait.metrics.pixel, as evaluate.py scores) of one variant's videos against
+    another's (the teacher's), frames ``score_from`` on."""
+    import torch
 
     from aniportrait.data.video import read_video
+    from aniportrait.metrics.pixel import psnr_per_frame
 
     values = []
     for clip in clips:
@@ -488,9 +490,8 @@ def _psnr_between(generated: Path, reference: Path, clips: list[str], score_from
             continue
         a, b = read_video(generated / f"{clip}.mp4"), read_video(reference / f"{clip}.mp4")
         count = min(len(a), len(b))
-        error = ((a[score_from:count].astype(np.float64) - b[score_from:count]) ** 2).mean(axis=(1, 2, 3))
-        values += (10 * np.log10(255.0**2 / np.maximum(error, 1e-10))).tolist()
-    return float(np.mean(values)) if values else None
+        values.append(psnr_per_frame(torch.from_numpy(a[score_from:count]), torch.from_numpy(b[score_from:count])))
+    return float(torch.cat(values).mean()) if values else None
 
 
 def _distillation_scores(work: Path, variants: list[str], clips: list[str], scored: dict[str, Any],

@@ -142,7 +142,6 @@ class VideoDistillModule(VideoStage2Module):
 
     def __init__(self, backbone: Mapping[str, Any], teacher: str | None = None,
                  distillation: Mapping[str, Any] | None = None, **stage2: Any):
-        self._building = True
         super().__init__(backbone, **stage2)  # stage 2's architecture (motion modules), settings and loaders
         self.save_hyperparameters({**dict(self.hparams), "teacher": teacher, "distillation": dict(distillation or {})})
         self.distillation = _settings("distillation", distillation, DISTILLATION_DEFAULTS)
@@ -166,29 +165,24 @@ class VideoDistillModule(VideoStage2Module):
                                             float(self.distillation["timestep_scaling"]))
         self.teacher_sampling = self.sampling  # the bundle's default sampler (the teacher's)
         self.sampling = {**self.sampling, **self.distilled_sampling()}  # validation and held-out videos: the student
-        self.student_unet = self._copy_of_teacher()
-        self.target_unet = self._copy_of_teacher() if decay is not None else None
+        self.student_unet = UNet3DConditionModel.from_config(self.denoising_unet.config)
+        self.target_unet = UNet3DConditionModel.from_config(self.denoising_unet.config) if decay is not None else None
+        self._start_student()
         for unet in (self.student_unet, self.target_unet):
             if unet is not None:
                 self.reference_control.add_reader(unet)
         if self.hparams.gradient_checkpointing:
             self.student_unet.enable_gradient_checkpointing()
-        self._building = False
         self._set_trainable()
         self._teacher_loaded = False
         self.train()
-
-    def _copy_of_teacher(self) -> UNet3DConditionModel:
-        unet = UNet3DConditionModel.from_config(self.denoising_unet.config)
-        unet.load_state_dict(self.denoising_unet.state_dict())  # same class and config: every key matches
-        return unet
 
     # -- what trains ---------------------------------------------------------------------------------------
 
     def _set_trainable(self) -> None:
         for module in (self.reference_unet, self.pose_guider, self.denoising_unet):
             module.requires_grad_(False)
-        if getattr(self, "_building", False):
+        if getattr(self, "student_unet", None) is None:  # the base class's call, before the student exists
             return
         if self.target_unet is not None:
             self.target_unet.requires_grad_(False)
@@ -210,7 +204,7 @@ class VideoDistillModule(VideoStage2Module):
         super(VideoStage2Module, self).inherit(previous)  # the VAE only: stage 2's stage-1 hand-over does not apply
         stage2 = [module for module in previous.values() if type(module) is VideoStage2Module]
         if stage2 and not self.hparams.teacher:
-            components, state_dicts, _, _ = stage2[-1].bundle_parts()
+            _, state_dicts, _, _ = stage2[-1].bundle_parts()
             self._load_teacher_state(state_dicts, f"stage-2 module {type(stage2[-1]).__name__}")
             self.data_settings = {**stage2[-1].data_settings, **self.data_settings}
 
@@ -221,7 +215,7 @@ class VideoDistillModule(VideoStage2Module):
         self._start_student()
 
     def _start_student(self) -> None:
-        """The student (and its target) start as the teacher."""
+        """The student (and its target) start as the teacher (same class and config: every key matches)."""
         state = self.denoising_unet.state_dict()
         for unet in (self.student_unet, self.target_unet):
             if unet is not None:
@@ -256,8 +250,38 @@ class VideoDistillModule(VideoStage2Module):
 
     # -- one step ------------------------------------------------------------------------------------------
 
-    def _read(self, num_frames: int, rows_uncond: list[bool] | None = None) -> None:
-        self.reference_control.read(num_frames=num_frames, uncond_mask=rows_uncond)
+    def _condition(self, batch: Mapping[str, torch.Tensor], generators: list[torch.Generator]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """CLIP embeddings (b, 1, D) and pose features of a batch; the ReferenceNet's pass fills the bank that
+        teacher, student and target all read."""
+        batch_size = len(batch["reference_image"])
+        reference_latents = self._sample_latents(batch["reference_image"], generators)  # (b, 4, h, w)
+        clip_embeds = self._clip_embeds(batch["clip_image"], torch.zeros(batch_size, dtype=torch.bool))
+        pose_features = self.pose_guider(batch["pose_images"].transpose(1, 2), batch["reference_pose"])
+        self.reference_control.write()
+        self.reference_unet(reference_latents, torch.zeros(batch_size, device=self.device, dtype=torch.long),
+                            clip_embeds)
+        return clip_embeds, pose_features
+
+    def _output(self, unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, clip_embeds: torch.Tensor,
+                pose_features: list[torch.Tensor], uncond: bool = False) -> torch.Tensor:
+        """One UNet's output (b, 4, f, h, w), float; ``uncond``: zero CLIP embedding and own tokens only, as the
+        unconditional half of sampling's CFG."""
+        batch_size, num_frames = sample.shape[0], sample.shape[2]
+        self.reference_control.read(num_frames=num_frames, uncond_mask=[True] * batch_size if uncond else None)
+        embeds = torch.zeros_like(clip_embeds) if uncond else clip_embeds
+        return unet(sample, timesteps, embeds, pose_cond_fea=pose_features).sample.float()
+
+    def _guided_teacher(self, sample: torch.Tensor, timesteps: torch.Tensor, clip_embeds: torch.Tensor,
+                        pose_features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's prediction under the pipeline's CFG, as (x0, noise)."""
+        x0_uncond, noise_uncond = self.schedule.x0_and_noise(
+            self._output(self.denoising_unet, sample, timesteps, clip_embeds, pose_features, uncond=True),
+            sample, timesteps)
+        x0_cond, noise_cond = self.schedule.x0_and_noise(
+            self._output(self.denoising_unet, sample, timesteps, clip_embeds, pose_features), sample, timesteps)
+        guidance = float(self.distillation["guidance_scale"])
+        return x0_uncond + guidance * (x0_cond - x0_uncond), noise_uncond + guidance * (noise_cond - noise_uncond)
 
     def _distillation_loss(self, batch: Mapping[str, torch.Tensor], stream: int) -> torch.Tensor:
         cpu_generators, generators = self._generators(batch, stream)
@@ -270,34 +294,17 @@ class VideoDistillModule(VideoStage2Module):
         with torch.no_grad():
             latents = self._sample_latents(pixel_values.flatten(0, 1), generators)  # (b f, 4, h, w)
             latents = latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2)  # (b, 4, f, h, w)
-            reference_latents = self._sample_latents(batch["reference_image"], generators)  # (b, 4, h, w)
-            clip_embeds = self._clip_embeds(batch["clip_image"], torch.zeros(batch_size, dtype=torch.bool))
-            pose_features = self.pose_guider(batch["pose_images"].transpose(1, 2), batch["reference_pose"])
-            self.reference_control.write()
-            self.reference_unet(reference_latents, torch.zeros_like(start), clip_embeds)  # the bank, read by all
+            clip_embeds, pose_features = self._condition(batch, generators)
         noise = self._randn(latents.shape[1:], generators)
         noisy = self.schedule.add_noise(latents, noise, start)  # x_t (b, 4, f, h, w)
-
-        self._read(num_frames)
         student = self.schedule.consistency(
-            self.student_unet(noisy, start, clip_embeds, pose_cond_fea=pose_features).sample.float(), noisy, start)
-
+            self._output(self.student_unet, noisy, start, clip_embeds, pose_features), noisy, start)
         with torch.no_grad():
-            # the two CFG halves as sampling computes them: uncond = zero CLIP embedding, own tokens only
-            self._read(num_frames, [True] * batch_size)
-            uncond = self.denoising_unet(noisy, start, torch.zeros_like(clip_embeds), pose_cond_fea=pose_features)
-            self._read(num_frames)
-            cond = self.denoising_unet(noisy, start, clip_embeds, pose_cond_fea=pose_features)
-            x0_uncond, noise_uncond = self.schedule.x0_and_noise(uncond.sample.float(), noisy, start)
-            x0_cond, noise_cond = self.schedule.x0_and_noise(cond.sample.float(), noisy, start)
-            guidance = float(self.distillation["guidance_scale"])
-            x0 = x0_uncond + guidance * (x0_cond - x0_uncond)  # the pipeline's CFG, in both parametrisations
-            noise_guided = noise_uncond + guidance * (noise_cond - noise_uncond)
-            previous = self.schedule.ddim_step(x0, noise_guided, end)  # x_s, one teacher step from t
+            previous = self.schedule.ddim_step(*self._guided_teacher(noisy, start, clip_embeds, pose_features),
+                                               end)  # x_s, one teacher step from t
             target_net = self.target_unet if self.target_unet is not None else self.student_unet
-            self._read(num_frames)
             target = self.schedule.consistency(
-                target_net(previous, end, clip_embeds, pose_cond_fea=pose_features).sample.float(), previous, end)
+                self._output(target_net, previous, end, clip_embeds, pose_features), previous, end)
         if self.distillation["loss"] == "mse":
             return F.mse_loss(student, target)
         c = float(self.distillation["huber_c"])
@@ -327,45 +334,29 @@ class VideoDistillModule(VideoStage2Module):
         pixel_values = batch["pixel_values"]
         batch_size, num_frames = pixel_values.shape[:2]
         self._prepare_frozen()
-        reference_latents = self._sample_latents(batch["reference_image"], generators)
-        clip_embeds = self._clip_embeds(batch["clip_image"], torch.zeros(batch_size, dtype=torch.bool))
-        pose_features = self.pose_guider(batch["pose_images"].transpose(1, 2), batch["reference_pose"])
-        self.reference_control.write()
-        self.reference_unet(reference_latents, torch.zeros(batch_size, device=self.device, dtype=torch.long),
-                            clip_embeds)
+        clip_embeds, pose_features = self._condition(batch, generators)
         height, width = (size // 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
                          for size in pixel_values.shape[-2:])
         start = self._randn((self.student_unet.config.in_channels, num_frames, height, width), generators)
 
-        def predict(unet, sample, timestep, uncond=False):
-            timesteps = torch.full((batch_size,), int(timestep), device=self.device, dtype=torch.long)
-            self._read(num_frames, [True] * batch_size if uncond else None)
-            embeds = torch.zeros_like(clip_embeds) if uncond else clip_embeds
-            return unet(sample, timesteps, embeds, pose_cond_fea=pose_features).sample.float(), timesteps
+        def at(timestep: Any) -> torch.Tensor:
+            return torch.full((batch_size,), int(timestep), device=self.device, dtype=torch.long)
 
         grid = self.schedule.ddim_timesteps.flip(0)
         stride = max(1, len(grid) // int(self.distillation["validation_teacher_steps"]))
         teacher_timesteps, teacher = grid[::stride].tolist(), start
-        guidance = float(self.distillation["guidance_scale"])
         for index, timestep in enumerate(teacher_timesteps):
-            uncond, timesteps = predict(self.denoising_unet, teacher, timestep, uncond=True)
-            cond, _ = predict(self.denoising_unet, teacher, timestep)
-            x0_uncond, noise_uncond = self.schedule.x0_and_noise(uncond, teacher, timesteps)
-            x0_cond, noise_cond = self.schedule.x0_and_noise(cond, teacher, timesteps)
-            x0 = x0_uncond + guidance * (x0_cond - x0_uncond)
-            if index + 1 == len(teacher_timesteps):
-                teacher = x0
-            else:
-                following = torch.full_like(timesteps, teacher_timesteps[index + 1])
-                teacher = self.schedule.ddim_step(x0, noise_uncond + guidance * (noise_cond - noise_uncond), following)
+            x0, noise = self._guided_teacher(teacher, at(timestep), clip_embeds, pose_features)
+            last = index + 1 == len(teacher_timesteps)
+            teacher = x0 if last else self.schedule.ddim_step(x0, noise, at(teacher_timesteps[index + 1]))
 
         scheduler = build_scheduler(self.distilled_sampling()["scheduler"])
         scheduler.set_timesteps(int(self.distillation["num_inference_steps"]), device=self.device)
         student, denoised = start, start
-        generator = cpu_generators[0]
         for timestep in scheduler.timesteps:
-            output, _ = predict(self.student_unet, student, timestep)
-            student, denoised = scheduler.step(output, timestep, student, generator=generator, return_dict=False)
+            output = self._output(self.student_unet, student, at(timestep), clip_embeds, pose_features)
+            student, denoised = scheduler.step(output, timestep, student, generator=cpu_generators[0],
+                                               return_dict=False)
         self.reference_control.clear()
         return F.mse_loss(denoised.float(), teacher)
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
-from test_video_training import FAST, TINY, datamodule, randomize, source, trainer  # noqa: F401 (source: fixture)
+from test_video_training import FAST, TINY, datamodule, random_stage2, randomize, source, trainer  # noqa: F401 (source: a fixture)
 
 from aniportrait.api import AniPortrait
 from aniportrait.bundle import Bundle
 from aniportrait.errors import AniPortraitError
 from aniportrait.pipelines.pose2video import Pose2VideoPipeline
 from aniportrait.training.distill import ConsistencySchedule, VideoDistillModule, lcm_scheduler_config
-from aniportrait.training.video import OFFICIAL_TRAIN_NOISE_SCHEDULER, VideoStage1Module, VideoStage2Module
+from aniportrait.training.video import OFFICIAL_TRAIN_NOISE_SCHEDULER, VideoStage2Module
 
 TRAIN_SCHEDULE = {key: value for key, value in OFFICIAL_TRAIN_NOISE_SCHEDULER.items() if key != "_target_"}
 
@@ -23,13 +23,7 @@ TRAIN_SCHEDULE = {key: value for key, value in OFFICIAL_TRAIN_NOISE_SCHEDULER.it
 @pytest.fixture(scope="module")
 def teacher() -> VideoStage2Module:
     """A stage-2 model with random (not identity) motion modules, as a trained teacher would have."""
-    stage1 = VideoStage1Module(TINY)
-    randomize(stage1, seed=1)
-    module = VideoStage2Module(TINY)
-    module.load_stage1_from_module(stage1)
-    randomize(module.denoising_unet, seed=2)
-    module.data_settings = {"width": 64, "height": 64, "n_sample_frames": 4, "fps": 30.0, "pose_scaling": "unit"}
-    return module
+    return random_stage2(stage1_seed=1, unet_seed=2, frames=4)
 
 
 def student_of(teacher: VideoStage2Module, **settings) -> VideoDistillModule:

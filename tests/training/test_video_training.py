@@ -162,13 +162,19 @@ def test_fine_tuning_source_of_another_architecture_lists_the_keys(tmp_path):
         module.setup("fit")
 
 
-def test_export_round_trips_bit_exactly_and_builds_a_pipeline(tmp_path):
+def random_stage2(stage1_seed: int, unet_seed: int, frames: int) -> VideoStage2Module:
+    """A stage-2 model with random stage-1 weights and random (not identity) motion modules, as after training."""
     stage1 = VideoStage1Module(TINY)
-    randomize(stage1, seed=4)
+    randomize(stage1, seed=stage1_seed)
     module = VideoStage2Module(TINY)
     module.load_stage1_from_module(stage1)
-    randomize(module.denoising_unet, seed=5)
-    module.data_settings = {"width": 64, "height": 64, "n_sample_frames": 16, "fps": 30.0, "pose_scaling": "unit"}
+    randomize(module.denoising_unet, seed=unet_seed)
+    module.data_settings = {"width": 64, "height": 64, "n_sample_frames": frames, "fps": 30.0, "pose_scaling": "unit"}
+    return module
+
+
+def test_export_round_trips_bit_exactly_and_builds_a_pipeline(tmp_path):
+    module = random_stage2(stage1_seed=4, unet_seed=5, frames=16)
     bundle = Bundle.open(module.export(tmp_path / "bundle"))
 
     assert set(bundle.components) == {"reference_unet", "denoising_unet", "pose_guider", "motion_module"}
