@@ -45,6 +45,7 @@ from aniportrait.pipelines.pose2video import (
     build_scheduler,
     context_windows,
 )
+from aniportrait.training.distill import lcm_scheduler_config
 
 RESULTS = Path(__file__).parent / "results" / "inference_optimizations.json"
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -58,6 +59,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                  "algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}},
 }
 VARIANTS["compiled_dpm10"] = {**VARIANTS["fast_dpm10"], "compile": {}}
+# The distilled student's sampling (stage 3, settings.video.distilled): LCMScheduler, 4 steps, no guidance. Random
+# weights: this times the student's sampler at SD-1.5 shapes (its speed does not depend on what it learnt).
+VARIANTS["student4"] = {"context_frames": "auto", "window_batch": 64, "channels_last": True, "steps": 4,
+                        "guidance": 1.0, "scheduler": lcm_scheduler_config(INFERENCE_V2_SCHEDULER, 50, 10.0)}
+VARIANTS["student4_compiled"] = {**VARIANTS["student4"], "compile": {}}
 
 
 def talking_head(frames: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +98,8 @@ def _scheduler_config(variant: dict[str, Any]) -> dict[str, Any]:
 
 
 def sample(pipeline: Pose2VideoPipeline, reference, poses, variant, args) -> np.ndarray:
-    return pipeline(reference, poses, num_inference_steps=variant.get("steps", args.steps), guidance_scale=args.guidance,
+    return pipeline(reference, poses, num_inference_steps=variant.get("steps", args.steps),
+                    guidance_scale=variant.get("guidance", args.guidance),
                     context_frames=variant["context_frames"], context_overlap=4, window_batch=variant["window_batch"],
                     generator=torch.Generator(pipeline.device).manual_seed(0), progress=False, decode_batch_size=16)
 
@@ -169,7 +176,8 @@ def main() -> None:
         windows = context_windows(args.frames, variant["context_frames"], 4)
         outputs[name] = frames
         profile = _profile(pipeline, reference, poses, variant, args) if args.profile and cuda else None
-        result = {"variant": name, **{k: v for k, v in variant.items() if k not in ("compile", "scheduler")},
+        result = {"variant": name, "guidance": variant.get("guidance", args.guidance),
+                  **{k: v for k, v in variant.items() if k not in ("compile", "scheduler")},
                   "scheduler": _scheduler_config(variant)["_target_"].split(".")[-1],
                   "steps": variant.get("steps", args.steps),
                   "compile": variant.get("compile") is not None, "windows": [[w.start, w.stop] for w in windows],
