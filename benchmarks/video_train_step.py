@@ -171,7 +171,8 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
         result.update(status="ok", step_seconds_median=round(median, 4), step_seconds_min=round(min(seconds), 4),
                       samples_per_s=round(batch_size / median, 2), frames_per_s=round(batch_size * frames / median, 2),
                       optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}", repeats=len(seconds),
-                      compile_and_warmup_seconds=round(sum(timer.seconds()[:args.warmup]), 1))
+                      compile_and_warmup_seconds=round(sum(timer.seconds()[:args.warmup]), 1),
+                      cuda_graph_replays=getattr(module._graphed_prediction, "replays", 0))  # auto: were they used?
         if analysis.flops:
             result.update(tflop_per_step=round(analysis.flops / 1e12, 3),
                           achieved_tflops=round(analysis.flops / median / 1e12, 1))
@@ -194,6 +195,7 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {"performance": {"cuda_graphs": "auto"}},  # what trainer=gpu gives: graphs wherever they apply
     "plain": {},
     "channels_last": {"performance": {"channels_last": True}},
     "fused_adamw": {"fused": True},
@@ -214,7 +216,8 @@ def build(stage: int, backbone: dict, variant: str, stage1: VideoStage1Module | 
     if spec.get("fused"):
         optimizer["fused"] = True
     settings = {"eight_bit_adam": False if spec.get("fused") else eight_bit, "scheduler": None, "optimizer": optimizer,
-                "performance": spec.get("performance")}
+                # the variants without graphs time the eager step (the default, cuda_graphs=auto, would capture)
+                "performance": {"cuda_graphs": False, **spec.get("performance", {})}}
     if stage == 1:
         return VideoStage1Module(backbone, **settings)
     module = VideoStage2Module(backbone, **settings)
@@ -285,7 +288,7 @@ def main() -> None:
             if stage == 1 and variant == "plain":
                 stage1_plain = module
             for checkpoint in checkpointing:
-                if checkpoint and VARIANTS[variant].get("performance", {}).get("cuda_graphs"):
+                if checkpoint and VARIANTS[variant].get("performance", {}).get("cuda_graphs") is True:
                     continue  # refused by the graphs (model.performance.cuda_graphs)
                 frames, batch = (1, args.stage1_batch) if stage == 1 else (args.stage2_frames, args.stage2_batch)
                 output["results"].append(run(module, frames, batch, size, clip_size, checkpoint, args, variant))

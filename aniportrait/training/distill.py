@@ -157,9 +157,10 @@ class VideoDistillModule(VideoStage2Module):
         if self.ema is not None:
             raise AniPortraitError("model.ema is for stages 1 and 2; distillation keeps its own target network "
                                    "(model.distillation.target_ema_decay): set model.ema.decay=null")
-        if self.performance["cuda_graphs"]:
+        if self.performance["cuda_graphs"] is True:
             raise AniPortraitError("model.performance.cuda_graphs captures stage 1 / 2's prediction, not the "
-                                   "distillation step: set it to false for model=video_distill")
+                                   "distillation step: set it to false (or auto) for model=video_distill")
+        self.performance["cuda_graphs"] = False  # auto: the distillation step runs eagerly
         self.schedule = ConsistencySchedule(self.noise_scheduler.alphas_cumprod,
                                             int(self.distillation["num_ddim_timesteps"]), self.prediction_type,
                                             float(self.distillation["timestep_scaling"]))

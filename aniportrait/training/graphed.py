@@ -28,7 +28,8 @@ from torch import nn
 
 from aniportrait.errors import AniPortraitError
 
-__all__ = ["ConditionalPrediction", "GraphedPrediction", "check_cuda_graph_settings", "conditional_prediction"]
+__all__ = ["CUDA_GRAPH_CHOICES", "ConditionalPrediction", "GraphedPrediction", "conditional_prediction", "cuda_graph_problems",
+           "use_cuda_graphs"]
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,12 @@ class ConditionalPrediction(nn.Module):
         return prediction
 
 
-def check_cuda_graph_settings(*, device_type: str, strategy: str, compile_options: Any, accumulate_grad_batches: int,
-                              gradient_checkpointing: bool, uncond_per_sample: bool) -> None:
-    """Refuse the settings a captured step cannot honour, each with the key to change."""
+CUDA_GRAPH_CHOICES = (True, False, "auto")
+
+
+def cuda_graph_problems(*, device_type: str, strategy: str, compile_options: Any, accumulate_grad_batches: int,
+                        gradient_checkpointing: bool, uncond_per_sample: bool) -> list[str]:
+    """What keeps a captured step from computing the eager step, each with the key to change (empty: nothing)."""
     problems = []
     if device_type != "cuda":
         problems.append(f"it needs a CUDA device (the trainer runs on {device_type}: use trainer=gpu)")
@@ -82,8 +86,26 @@ def check_cuda_graph_settings(*, device_type: str, strategy: str, compile_option
     if uncond_per_sample:
         problems.append("model.loss.uncond_per_sample=true drops the reference per sample, so almost every step "
                         "would run eagerly (set it to false, as officially)")
-    if problems:
+    return problems
+
+
+def use_cuda_graphs(choice: Any, **settings: Any) -> bool:
+    """``model.performance.cuda_graphs``: true (captured, or an error naming what prevents it), false, or auto (the
+    default: captured wherever nothing prevents it, i.e. one CUDA device without compile or checkpointing; the
+    choice is logged). The graphed step computes the eager one (the gpu test of tests/training/test_video_performance.py),
+    so auto changes speed, never results."""
+    if choice not in CUDA_GRAPH_CHOICES:
+        raise AniPortraitError(f"model.performance.cuda_graphs={choice!r}: expected true, false or auto")
+    if choice is False:
+        return False
+    problems = cuda_graph_problems(**settings)
+    if choice is True and problems:
         raise AniPortraitError("model.performance.cuda_graphs=true cannot be used: " + "; ".join(problems))
+    if problems:
+        log.info("model.performance.cuda_graphs=auto: the eager step, because " + "; ".join(problems))
+        return False
+    log.info("model.performance.cuda_graphs=auto: the conditional prediction runs as CUDA graphs")
+    return True
 
 
 class GraphedPrediction:

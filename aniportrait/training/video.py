@@ -61,7 +61,7 @@ from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS
 from aniportrait.models.video_backbone import RANDOM_BACKBONES, build_video_models
 from aniportrait.pipelines.pose2video import INFERENCE_V2_SCHEDULER, Pose2VideoPipeline, build_scheduler
-from aniportrait.training.graphed import GraphedPrediction, check_cuda_graph_settings, conditional_prediction
+from aniportrait.training.graphed import GraphedPrediction, conditional_prediction, use_cuda_graphs
 from aniportrait.training.schedules import with_scheduler
 
 __all__ = ["VideoStage1Module", "VideoStage2Module", "ValidationVideos", "ParameterEMA",
@@ -92,8 +92,9 @@ OFFICIAL_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "lr": 1.0
 DEFAULT_SAMPLING: dict[str, Any] = {"scheduler": INFERENCE_V2_SCHEDULER, "num_inference_steps": 25,
                                     "guidance_scale": 3.5, "context_frames": 16, "context_overlap": 4}
 _EMA_DEFAULTS: dict[str, Any] = {"decay": None, "export": True}
-# model.performance: off by default (the plain path); see _apply_performance_settings and benchmarks/README.md.
-_PERFORMANCE_DEFAULTS: dict[str, Any] = {"channels_last": False, "compile": None, "cuda_graphs": False}
+# model.performance: the plain path, plus CUDA graphs wherever they apply (auto: they compute the same function);
+# see _apply_performance_settings and benchmarks/README.md.
+_PERFORMANCE_DEFAULTS: dict[str, Any] = {"channels_last": False, "compile": None, "cuda_graphs": "auto"}
 _STAGE1_COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
 _UNCOND_CLIP = ("zero_image", "zero_embedding")
 
@@ -294,23 +295,25 @@ class _VideoDiffusionModule(pl.LightningModule):
             options = {} if options is True else dict(options)
             for module in trained:
                 module.compile(**options)
-        if self.performance["cuda_graphs"]:
+        if self.performance["cuda_graphs"] is not False:
             self._capture_cuda_graphs_later()
 
     def _capture_cuda_graphs_later(self) -> None:
         """``model.performance.cuda_graphs``: the conditional prediction is captured at the first training step
-        (aniportrait/training/graphed.py); the settings it cannot honour are refused here, before training."""
+        (aniportrait/training/graphed.py); with true, the settings it cannot honour are refused here, before
+        training; with auto, they keep the eager step (logged)."""
         trainer = self._trainer
         if trainer is None:  # a module stepped by hand (tests): its own device, full precision
             device, strategy, accumulate, precision = self.device.type, "SingleDeviceStrategy", 1, "32-true"
         else:
             device, strategy = trainer.strategy.root_device.type, type(trainer.strategy).__name__
             accumulate, precision = trainer.accumulate_grad_batches, str(trainer.precision)
-        check_cuda_graph_settings(device_type=device, strategy=strategy, compile_options=self.performance["compile"],
-                                  accumulate_grad_batches=accumulate,
-                                  gradient_checkpointing=any(unet.is_gradient_checkpointing  # what the nets do
-                                                             for unet in (self.reference_unet, self.denoising_unet)),
-                                  uncond_per_sample=bool(self.loss_settings["uncond_per_sample"]))
+        if not use_cuda_graphs(self.performance["cuda_graphs"], device_type=device, strategy=strategy,
+                               compile_options=self.performance["compile"], accumulate_grad_batches=accumulate,
+                               gradient_checkpointing=any(unet.is_gradient_checkpointing  # what the nets do
+                                                          for unet in (self.reference_unet, self.denoising_unet)),
+                               uncond_per_sample=bool(self.loss_settings["uncond_per_sample"])):
+            return
         autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self._graphed_prediction = GraphedPrediction(self.pose_guider, self.reference_unet, self.denoising_unet,
                                                      self.reference_control, autocast)

@@ -53,21 +53,32 @@ def test_performance_switch_computes_the_same_step(plain, performance, tolerance
 
 def test_cuda_graphs_refuse_what_a_captured_step_cannot_do():
     from aniportrait.errors import AniPortraitError
-    from aniportrait.training.graphed import check_cuda_graph_settings
+    from aniportrait.training.graphed import use_cuda_graphs
 
     module = VideoStage1Module({"kind": "tiny", "seed": 0}, performance={"cuda_graphs": True})
     with pytest.raises(AniPortraitError, match=r"cuda_graphs=true .*CUDA device .*trainer=gpu"):
         module.setup("fit")  # on the CPU
     settings = {"device_type": "cuda", "strategy": "SingleDeviceStrategy", "compile_options": None,
                 "accumulate_grad_batches": 1, "gradient_checkpointing": False, "uncond_per_sample": False}
-    check_cuda_graph_settings(**settings)  # what it can do passes
-    for key, value, named in (("strategy", "DDPStrategy", "trainer.devices=1"),
+    assert use_cuda_graphs(True, **settings) and use_cuda_graphs("auto", **settings)  # what it can do is used
+    assert not use_cuda_graphs(False, **settings)
+    for key, value, named in (("device_type", "cpu", "trainer=gpu"), ("strategy", "DDPStrategy", "trainer.devices=1"),
                               ("compile_options", {}, "model.performance.compile"),
                               ("accumulate_grad_batches", 4, "trainer.accumulate_grad_batches=4"),
                               ("gradient_checkpointing", True, "model.gradient_checkpointing"),
                               ("uncond_per_sample", True, "model.loss.uncond_per_sample")):
         with pytest.raises(AniPortraitError, match=named.replace(".", r"\.")):
-            check_cuda_graph_settings(**{**settings, key: value})
+            use_cuda_graphs(True, **{**settings, key: value})
+        assert not use_cuda_graphs("auto", **{**settings, key: value})  # auto: the eager step instead
+    with pytest.raises(AniPortraitError, match="cuda_graphs='yes': expected true, false or auto"):
+        use_cuda_graphs("yes", **settings)
+
+
+def test_cuda_graphs_auto_is_the_default_and_eager_on_the_cpu():
+    module = VideoStage1Module({"kind": "tiny", "seed": 0})
+    assert module.performance["cuda_graphs"] == "auto"
+    module.setup("fit")
+    assert module._graphed_prediction is None  # the CPU: nothing captured
 
 
 @pytest.mark.gpu
