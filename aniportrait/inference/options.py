@@ -113,6 +113,7 @@ class AnimationOptions:
     seed: int = 42
     context_frames: int | str | None = None  # frames the motion modules see at once ("auto": fewest windows) ...
     context_overlap: int | None = None  # ... and how many neighbouring windows share
+    window_batch: int = 1  # context windows denoised together in one UNet call (same frames up to float rounding)
     scheduler: Any = None  # None: the bundle's; a diffusers scheduler class name or {_target_: ..., **overrides}
     sampling: str | None = None  # sampling preset: official | project; None: the bundle's (official when imported)
     keyframe_interval: int = 1  # accelerated mode: generate every k-th frame, interpolate the rest
@@ -149,6 +150,7 @@ class AnimationOptions:
         if self.context_frames is not None and self.context_frames != "auto":
             self.context_frames = values.integer("context_frames", self.context_frames, minimum=1, hint=" or auto")
         optional("context_overlap", values.integer, minimum=0)
+        self.window_batch = values.integer("window_batch", self.window_batch, minimum=1)
         if isinstance(self.context_frames, int) and self.context_overlap is not None \
                 and self.context_overlap >= self.context_frames:
             raise AniPortraitError(f"context_overlap={self.context_overlap}: give fewer frames than "

@@ -1,0 +1,184 @@
+"""Real time (issue 17): stage B end to end with the distilled student's sampler, streamed, at SD-1.5 shapes.
+
+A 60 s talking head (30 fps, 512 x 512) goes through ``aniportrait.inference.generate_video`` as ``infer.py
+fast=true`` runs it: pose images drawn chunk by chunk, the student's sampler (``LCMScheduler``, 4 steps, no
+classifier-free guidance: ``settings.video.distilled``), VAE decoding, H.264 with the speech muxed as AAC, written
+frame by frame while the next chunk samples (``generate_video``'s writer overlap). Measured: frames per second over
+the whole video (wall clock from the call to the closed file), the first-frame latency (from the call until the
+first frame is encoded: what a streaming viewer waits), the steady rate after it, and peak GPU memory.
+
+The weights are random (the student has the teacher's architecture, so its speed does not depend on what it
+learnt); the student's quality comes from the learning benchmark (``--quality``: stage_b_learning*.json's
+``distillation`` block, the 4-step student against the 25-step teacher on held-out clips of the small backbone) and
+is copied into the result with its source. ``--sequential`` also times a shorter video with sampling and writing on
+one thread (the overlap's lever).
+
+    python benchmarks/realtime.py                                  # GPU: writes benchmarks/results/realtime.json
+    python benchmarks/realtime.py --seconds 20 --steps 2 --out /tmp/realtime_2.json
+    python benchmarks/realtime.py --tiny                           # CPU smoke test: tiny backbone, 64 x 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from inference_optimizations import VARIANTS, build
+from video_bench_setup import random_sd15_backbone
+
+import aniportrait.inference.generate as generate_module
+from aniportrait.data.synthetic import SyntheticSpec, generate_clip
+from aniportrait.face.portrait import Portrait
+from aniportrait.inference import AnimationOptions, LandmarkPoseFrames, generate_video
+
+RESULTS = Path(__file__).parent / "results" / "realtime.json"
+
+
+def talking_head(seconds: float, fps: float, size: int, clip_seconds: float) -> tuple[Any, np.ndarray, np.ndarray]:
+    """A synthetic portrait, ``seconds`` of its landmarks (a ``clip_seconds`` clip played forth and back, so the
+    head never jumps) and as much speech-like audio."""
+    clip = generate_clip(SyntheticSpec(identities=1, clips_per_identity=1, clip_seconds=clip_seconds, size=size), 0, 0)
+    landmarks = clip.landmarks["lmks"][:, :468, :2]
+    frames = int(round(seconds * fps))
+    cycle = np.concatenate([np.arange(len(landmarks)), np.arange(len(landmarks) - 2, 0, -1)])
+    arrays = clip.landmarks
+    portrait = Portrait(clip.frames[0], arrays["lmks"][0].astype(np.float32), arrays["mesh3d"][0].astype(np.float32),
+                        arrays["trans_mat"][0].astype(np.float32), arrays["blendshapes"][0].astype(np.float32),
+                        "synthetic#frame=0", (0, 0, size, size))
+    audio = np.resize(clip.audio.astype(np.float32), int(seconds * 16_000))
+    return portrait, landmarks[cycle[np.arange(frames) % len(cycle)]], audio
+
+
+def run_video(pipeline, portrait, landmarks: np.ndarray, audio: np.ndarray, args: argparse.Namespace,
+              output: Path, sequential: bool = False) -> dict[str, Any]:
+    """One generate_video call, timed: total, first frame, steady rate."""
+    options = AnimationOptions(width=args.size, height=args.size, steps=args.steps, guidance=args.guidance,
+                               scheduler=VARIANTS["student4"]["scheduler"], sampling="project",
+                               context_frames=args.context_frames, context_overlap=4, window_batch=args.window_batch,
+                               chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, progress=False)
+    stamps: list[float] = []
+    background = generate_module.in_background
+    if sequential:  # sampling and writing on one thread, for comparison
+        generate_module.in_background = lambda items, *_, **__: iter(items)
+    try:
+        if args.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        count = generate_video(pipeline, portrait, LandmarkPoseFrames(landmarks, (args.size, args.size)), output,
+                               args.fps, audio, options, on_frame=lambda _: stamps.append(time.perf_counter()))
+        seconds = time.perf_counter() - started  # the file is closed (and renamed) when generate_video returns
+    finally:
+        generate_module.in_background = background
+    first = stamps[0] - started
+    steady = (count - 1) / (stamps[-1] - stamps[0]) if count > 1 else None
+    result = {"frames": count, "video_seconds": round(count / args.fps, 2), "seconds": round(seconds, 3),
+              "frames_per_s": round(count / seconds, 2), "first_frame_latency_s": round(first, 3),
+              "steady_frames_per_s": None if steady is None else round(steady, 2),
+              "real_time_factor": round(count / args.fps / seconds, 3), "bytes": output.stat().st_size}
+    if args.cuda:
+        result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(("sequential: " if sequential else "") + json.dumps(result), flush=True)
+    return result
+
+
+def student_quality(paths: list[Path]) -> dict[str, Any]:
+    """The 4-step student's PSNR gap to the 25-step teacher (against ground truth) per dataset, from the learning
+    benchmark's scored results."""
+    found: dict[str, Any] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        for dataset, result in json.loads(path.read_text()).get("datasets", {}).items():
+            distillation = result.get("distillation")
+            if distillation and "targets" in distillation and dataset not in found:
+                found[dataset] = {"source": f"benchmarks/results/{path.name}", **distillation["targets"],
+                                  "student_4": distillation.get("student_4"), "teacher": distillation.get("teacher")}
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the timed video (default 60)")
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4, help="student steps (default 4)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="1.0: no classifier-free guidance (the student)")
+    parser.add_argument("--chunk-frames", type=int, default=64, help="frames per pipeline call (stream.chunk_frames)")
+    parser.add_argument("--chunk-overlap", type=int, default=4, help="frames neighbouring chunks cross-fade")
+    parser.add_argument("--context-frames", default="auto")
+    parser.add_argument("--window-batch", type=int, default=8, help="context windows per UNet call")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder")
+    parser.add_argument("--sequential", type=float, default=0.0, metavar="SECONDS",
+                        help="also time a video of SECONDS with sampling and writing on one thread")
+    parser.add_argument("--quality", type=Path, nargs="*", default=[
+        RESULTS.parent / "stage_b_learning_graphs.json", RESULTS.parent / "stage_b_learning.json"],
+                        help="learning-benchmark results whose distillation block gives the student's quality")
+    parser.add_argument("--backbone-dir", type=Path, default=Path("/tmp/aniportrait-random-sd15"))
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny backbone, 64 x 64, 3 s")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.cuda = not args.tiny
+    if args.tiny:
+        args.size, args.seconds, args.chunk_frames = 64, min(args.seconds, 3.0), min(args.chunk_frames, 24)
+        args.sequential = min(args.sequential, 1.0)
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: the SD-1.5 benchmark needs a GPU (use --tiny for a CPU smoke test)")
+    backbone = {"kind": "tiny", "seed": 0} if args.tiny else random_sd15_backbone(args.backbone_dir)
+    variant = {**VARIANTS["student4"], "compile": {} if args.compile else None}
+    pipeline = build(backbone, torch.float32 if args.tiny else torch.bfloat16, variant, "cpu" if args.tiny else "cuda")
+    portrait, landmarks, audio = talking_head(args.seconds, args.fps, args.size, clip_seconds=min(args.seconds, 8.0))
+    with tempfile.TemporaryDirectory() as folder:
+        warm_start = time.perf_counter()  # a short video first: cuDNN plans, allocator, (compilation)
+        warm_frames = min(len(landmarks), 2 * args.chunk_frames)
+        run_video(pipeline, portrait, landmarks[:warm_frames], audio[: int(warm_frames / args.fps * 16_000)], args,
+                  Path(folder) / "warmup.mp4")
+        warmup = time.perf_counter() - warm_start
+        streamed = run_video(pipeline, portrait, landmarks, audio, args, Path(folder) / "realtime.mp4")
+        sequential = None
+        if args.sequential:
+            frames = int(args.sequential * args.fps)
+            overlapped = run_video(pipeline, portrait, landmarks[:frames], audio[: int(args.sequential * 16_000)], args,
+                                   Path(folder) / "overlapped.mp4")
+            one_thread = run_video(pipeline, portrait, landmarks[:frames], audio[: int(args.sequential * 16_000)], args,
+                                   Path(folder) / "sequential.mp4", sequential=True)
+            sequential = {"seconds_of_video": args.sequential, "overlapped": overlapped, "one_thread": one_thread,
+                          "speedup": round(one_thread["seconds"] / overlapped["seconds"], 3)}
+    quality = student_quality(args.quality)
+    gaps = [entry["student_4_gap_to_teacher_db"] for entry in quality.values()
+            if entry.get("student_4_gap_to_teacher_db") is not None]
+    result = {
+        "benchmark": "benchmarks/realtime.py", "gpu": torch.cuda.get_device_name() if args.cuda else "cpu",
+        "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "weights": "tiny random init" if args.tiny else "random init, SD-1.5 architecture (the student's shapes)",
+        "frames_per_s": streamed["frames_per_s"], "first_frame_latency_s": streamed["first_frame_latency_s"],
+        "psnr_gap_to_teacher_db": max(gaps) if gaps else None, "warmup_seconds": round(warmup, 1),
+        "streamed": streamed, "sequential": sequential,
+        "settings": {"size": args.size, "fps": args.fps, "steps": args.steps, "guidance": args.guidance,
+                     "scheduler": "LCMScheduler (settings.video.distilled)", "dtype": "fp32" if args.tiny else "bf16",
+                     "chunk_frames": args.chunk_frames, "chunk_overlap": args.chunk_overlap,
+                     "context_frames": args.context_frames, "window_batch": args.window_batch,
+                     "channels_last": True, "compile": args.compile, "encoder": "libx264 crf 18 preset medium + AAC"},
+        "student_quality": quality or None,
+        "note": "psnr_gap_to_teacher_db: the largest of the datasets' 4-step student PSNR gaps to the 25-step teacher "
+                "(against ground truth, held-out clips, backbone=small at 256 px), from student_quality's sources",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    temporary.replace(args.out)
+    print(json.dumps({key: result[key] for key in ("gpu", "frames_per_s", "first_frame_latency_s",
+                                                   "psnr_gap_to_teacher_db", "warmup_seconds")}))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""aniportrait.utils.background: the producer thread hands over every item in order, its errors, and stops when
+the consumer stops."""
+
+import threading
+import time
+
+import pytest
+
+from aniportrait.utils.background import in_background
+
+
+def test_items_arrive_in_order_and_the_producer_runs_ahead():
+    produced = []
+
+    def items():
+        for number in range(50):
+            produced.append(number)
+            yield number
+
+    consumed = []
+    for item in in_background(items(), max_items=8):
+        if not consumed:
+            time.sleep(0.2)  # the producer fills the queue meanwhile
+            assert 8 <= len(produced) <= 10  # bounded: the queue, one item in hand and the one taken
+        consumed.append(item)
+    assert consumed == list(range(50))
+
+
+def test_an_error_of_the_producer_is_raised_in_the_consumer_after_its_items():
+    def items():
+        yield 1
+        yield 2
+        raise RuntimeError("decoder failed")
+
+    consumed = []
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        for item in in_background(items(), max_items=1):
+            consumed.append(item)
+    assert consumed == [1, 2]
+
+
+def test_a_consumer_that_stops_stops_the_producer():
+    produced = []
+
+    def items():
+        for number in range(10_000):
+            produced.append(number)
+            yield number
+
+    for item in in_background(items(), max_items=4):
+        if item == 3:
+            break
+    count = len(produced)
+    time.sleep(0.1)
+    assert len(produced) == count < 20  # the thread has ended, not run on
+    assert not any(thread.name == "producer" for thread in threading.enumerate())
+    with pytest.raises(ValueError, match="max_items=0"):
+        next(in_background(iter([1]), max_items=0))

@@ -1,0 +1,196 @@
+"""Streaming stage B (issue 17): generate_video samples on a thread of its own while the caller's thread encodes,
+``on_frame(count)`` after each encoded frame; ``window_batch`` (context windows per UNet call) keeps the frames;
+the option is checked and reaches AnimationOptions from infer.py's config; the real-time benchmark's CPU smoke run.
+
+Tiny random-init stage B (motion modules randomised so that context windows matter), 64 x 64, 2 steps, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+
+from aniportrait.cli import options_from_config
+from aniportrait.data.synthetic import SyntheticSpec, generate_clip
+from aniportrait.data.video import probe_video, read_video
+from aniportrait.errors import AniPortraitError
+from aniportrait.face.portrait import Portrait
+from aniportrait.inference import AnimationOptions, LandmarkPoseFrames, LinearInterpolator, generate_video
+from aniportrait.models.schedulers import build_scheduler
+from aniportrait.models.video_backbone import build_video_models
+from aniportrait.pipelines.context import context_schedule
+from aniportrait.pipelines.pose2video import Pose2VideoPipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SIZE, FPS = 64, 30
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pose2VideoPipeline:
+    models = build_video_models({"kind": "tiny", "seed": 0})
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # motion modules start as identities: give them weights that mix frames across a window
+        for param in models.denoising_unet.motion_module_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    for module in (models.vae, models.image_encoder, models.reference_unet, models.denoising_unet, models.pose_guider):
+        module.eval()
+    return Pose2VideoPipeline(models.vae, models.image_encoder, models.clip_image_processor, models.reference_unet,
+                              models.denoising_unet, models.pose_guider, build_scheduler(None), pose_scaling="unit")
+
+
+@pytest.fixture(scope="module")
+def talking() -> tuple[Portrait, np.ndarray, np.ndarray]:
+    """A synthetic portrait, its clip's landmarks (35 frames, moving) and speech."""
+    clip = generate_clip(SyntheticSpec(identities=1, clips_per_identity=1, clip_seconds=1.2, size=SIZE), 0, 0)
+    arrays = clip.landmarks
+    portrait = Portrait(clip.frames[0], arrays["lmks"][0].astype(np.float32), arrays["mesh3d"][0].astype(np.float32),
+                        arrays["trans_mat"][0].astype(np.float32), arrays["blendshapes"][0].astype(np.float32),
+                        "synthetic#frame=0", (0, 0, SIZE, SIZE))
+    return portrait, arrays["lmks"][:, :468, :2], clip.audio.astype(np.float32)
+
+
+def _generate(pipeline, talking, output: Path, frames: int, on_frame=None, **options) -> int:
+    portrait, landmarks, audio = talking
+    assert len(landmarks) >= frames
+    options = AnimationOptions(**{"width": SIZE, "height": SIZE, "steps": 2, "guidance": 3.5, "seed": 3,
+                                  "progress": False, **options})
+    return generate_video(pipeline, portrait, LandmarkPoseFrames(landmarks[:frames], (SIZE, SIZE)), output, FPS,
+                          audio[: int(frames / FPS * 16_000)], options, on_frame=on_frame)
+
+
+@contextmanager
+def _unet_calls(pipeline):
+    """Counts the denoising UNet's forward calls."""
+    calls = []
+    handle = pipeline.denoising_unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+# -- on_frame -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames,options", [
+    (20, {"sampling": "official"}),  # the whole video as one sequence of windows (and the preset swap's recursion)
+    (26, {"sampling": "project", "chunk_frames": 12, "chunk_overlap": 4}),  # chunks that cross-fade
+    (17, {"sampling": "project", "keyframe_interval": 3, "interpolator": LinearInterpolator()}),  # interpolated
+], ids=["whole", "chunks", "keyframes"])
+def test_on_frame_counts_every_encoded_frame_in_order_on_the_callers_thread(pipeline, talking, tmp_path, frames,
+                                                                           options):
+    counts, threads = [], set()
+
+    def on_frame(count: int) -> None:
+        counts.append(count)
+        threads.add(threading.get_ident())
+
+    output = tmp_path / "streamed.mp4"
+    written = _generate(pipeline, talking, output, frames, on_frame, context_frames=8, context_overlap=2, **options)
+    assert written == frames
+    assert counts == list(range(1, frames + 1))
+    assert probe_video(output).frames == len(read_video(output)) == frames
+    assert threads == {threading.get_ident()}  # the encoder's (caller's) thread, not the sampling thread
+    assert not [thread for thread in threading.enumerate() if thread.name == "stage-b-frames"]
+
+
+def test_a_failing_on_frame_stops_sampling_and_leaves_no_file(pipeline, talking, tmp_path):
+    def on_frame(count: int) -> None:
+        if count == 3:
+            raise KeyboardInterrupt  # a viewer that hangs up
+
+    with pytest.raises(KeyboardInterrupt):
+        _generate(pipeline, talking, tmp_path / "stopped.mp4", 30, on_frame, sampling="project", chunk_frames=10,
+                  chunk_overlap=2, context_frames=8, context_overlap=2)
+    assert list(tmp_path.iterdir()) == []  # no partial mp4, no temporary file
+    assert not [thread for thread in threading.enumerate() if thread.name == "stage-b-frames"]  # joined
+
+
+# -- window_batch ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", ["project", "official"])
+def test_batched_windows_write_the_same_frames(pipeline, talking, tmp_path, sampling):
+    """30 frames in windows of 8 sharing 2: 5 windows (blended: starts 0, 6, 12, 18, 22; official: 0, 6, ... 24,
+    wrapping round), so window_batch=2 makes groups of 2, 2 and 1. With classifier-free guidance on the UNet
+    batches are [uncond x k; cond x k]; on this CPU the batched calls give bit-identical latents, so the decoded
+    mp4s are identical too (H.264 of identical frames)."""
+    frames, layout = 30, {"context_frames": 8, "context_overlap": 2, "sampling": sampling, "chunk_frames": None}
+    preset_schedule = "blended" if sampling == "project" else "uniform"
+    windows = context_schedule(preset_schedule, frames, 8, 2, guided=True).windows
+    assert len(windows) == 5
+    videos, unet_calls = {}, {}
+    for window_batch in (1, 2):
+        output = tmp_path / f"batch{window_batch}.mp4"
+        with _unet_calls(pipeline) as calls:
+            assert _generate(pipeline, talking, output, frames, window_batch=window_batch, **layout) == frames
+        videos[window_batch], unet_calls[window_batch] = read_video(output), len(calls)
+    assert unet_calls == {1: 5 * 2, 2: 3 * 2}  # the option reached the pipeline: 3 groups of windows per step
+    assert videos[1].shape == (frames, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(videos[2], videos[1])
+    # the comparison can tell: another window layout of the same video gives other frames
+    other = tmp_path / "other_layout.mp4"
+    _generate(pipeline, talking, other, frames, **{**layout, "context_frames": 12})
+    assert np.abs(read_video(other).astype(int) - videos[1].astype(int)).mean() > 1
+
+
+def test_batched_windows_without_guidance_differ_only_by_float_rounding(pipeline, talking):
+    """guidance=1 (the distilled student): batches of k windows instead of 1 round differently in the CPU's matrix
+    products (a few 1e-6), at most one level of the uint8 frames. (Through H.264 a one-level input difference can
+    move decoded pixels by much more, so this compares the pipeline's frames before encoding.)"""
+    from aniportrait.inference import draw_pose_images
+
+    portrait, landmarks, _ = talking
+    poses = draw_pose_images(landmarks[:30], (SIZE, SIZE))
+
+    def frames(window_batch: int, output_type: str) -> np.ndarray:
+        return pipeline(portrait.image, poses, None, num_inference_steps=2, guidance_scale=1.0, context_frames=8,
+                        context_overlap=2, generator=torch.Generator().manual_seed(3), progress=False,
+                        window_batch=window_batch, output_type=output_type)
+
+    plain, batched = frames(1, "float"), frames(2, "float")
+    assert np.abs(batched - plain).max() <= 2e-5
+    plain, batched = frames(1, "uint8"), frames(2, "uint8")
+    assert np.abs(batched.astype(int) - plain.astype(int)).max() <= 1
+
+
+def test_window_batch_is_checked_and_comes_from_infer_config():
+    for bad in (0, -2, "two"):
+        with pytest.raises(AniPortraitError, match="window_batch"):
+            AnimationOptions(window_batch=bad)
+    assert AnimationOptions(window_batch="4").window_batch == 4
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        default = compose(config_name="infer")
+        batched = compose(config_name="infer", overrides=["window_batch=3"])
+    assert AnimationOptions.from_kwargs(**options_from_config(default)).window_batch == 1
+    assert AnimationOptions.from_kwargs(**options_from_config(batched)).window_batch == 3
+
+
+# -- benchmarks/realtime.py --tiny ----------------------------------------------------------------------------
+
+
+def test_realtime_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "realtime.json"
+    result = subprocess.run([sys.executable, "benchmarks/realtime.py", "--tiny", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["frames_per_s"] > 0 and report["first_frame_latency_s"] > 0
+    streamed = report["streamed"]
+    assert streamed["frames"] == 90  # 3 s at 30 fps
+    assert streamed["frames_per_s"] == report["frames_per_s"]
+    assert 0 < streamed["first_frame_latency_s"] < streamed["seconds"]
+    assert report["settings"]["steps"] == 4 and report["settings"]["guidance"] == 1.0
+    assert f"results: {out}" in result.stdout
