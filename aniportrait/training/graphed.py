@@ -19,6 +19,7 @@ computes what the eager step would. tests/training/test_video_performance.py com
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +66,7 @@ class ConditionalPrediction(nn.Module):
 
 
 CUDA_GRAPH_CHOICES = (True, False, "auto")
+CAPTURE_OPTIONS: dict[str, Any] = {"capture_error_mode": "thread_local"}
 
 
 def cuda_graph_problems(*, device_type: str, strategy: str, compile_options: Any, accumulate_grad_batches: int,
@@ -104,8 +106,15 @@ def use_cuda_graphs(choice: Any, **settings: Any) -> bool:
     if problems:
         log.info("model.performance.cuda_graphs=auto: the eager step, because " + "; ".join(problems))
         return False
-    log.info("model.performance.cuda_graphs=auto: the conditional prediction runs as CUDA graphs")
+    log.info("model.performance.cuda_graphs=%s: the conditional prediction runs as CUDA graphs",
+             "auto" if choice == "auto" else "true")
     return True
+
+
+def _capture_options() -> dict[str, Any]:
+    """CAPTURE_OPTIONS that this torch's make_graphed_callables takes (capture_error_mode is recent)."""
+    accepted = inspect.signature(torch.cuda.make_graphed_callables).parameters
+    return {key: value for key, value in CAPTURE_OPTIONS.items() if key in accepted}
 
 
 class GraphedPrediction:
@@ -137,8 +146,12 @@ class GraphedPrediction:
         buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
         samples = tuple(tensor.detach().clone() for tensor in inputs)
         with self._autocast():
+            # thread_local: only this thread's capture-unsafe calls count. In the default global mode a call such as
+            # the loader's pin-memory thread allocating page-locked memory invalidates the capture (seen on an H200:
+            # cuBLASLt then fails with CUBLAS_STATUS_EXECUTION_FAILED and the capture with
+            # cudaErrorStreamCaptureInvalidated, in one of two runs sharing a GPU).
             self._graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=self.num_warmup_iters,
-                                                              allow_unused_input=True)
+                                                              allow_unused_input=True, **_capture_options())
         with torch.no_grad():  # the warm-up passes updated BatchNorm statistics: put them back, in place
             for name, buffer in module.named_buffers():
                 buffer.copy_(buffers[name])

@@ -127,3 +127,23 @@ def _compare_graphed_with_eager():
         assert _relative(gradients, reference_gradients) < 1e-4
     for name, buffer in eager_buffers.items():
         torch.testing.assert_close(graphed_buffers[name], buffer)
+
+
+def test_the_capture_ignores_other_threads_cuda_calls(monkeypatch):
+    """The graphs are captured in thread_local mode: the loader's pin-memory thread allocating page-locked memory
+    during the capture must not invalidate it (it did, in global mode, on an H200)."""
+    from aniportrait.training import graphed
+
+    module = VideoStage1Module({"kind": "tiny", "seed": 0})
+    seen = {}
+
+    def fake_make_graphed_callables(callable_, samples, num_warmup_iters=3, allow_unused_input=False, pool=None,
+                                    capture_error_mode="global"):  # torch's signature
+        seen.update(allow_unused_input=allow_unused_input, capture_error_mode=capture_error_mode)
+        return callable_
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    prediction = graphed.GraphedPrediction(module.pose_guider, module.reference_unet, module.denoising_unet,
+                                           module.reference_control, autocast_dtype=None)
+    prediction._capture((torch.zeros(1),))
+    assert seen["capture_error_mode"] == "thread_local" and seen["allow_unused_input"] is True
