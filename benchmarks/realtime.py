@@ -104,6 +104,35 @@ def student_quality(paths: list[Path]) -> dict[str, Any]:
     return found
 
 
+def summary(args: argparse.Namespace, streamed: dict[str, Any], warmup: float) -> dict[str, Any]:
+    quality = student_quality(args.quality)
+    gaps = [entry["student_4_gap_to_teacher_db"] for entry in quality.values()
+            if entry.get("student_4_gap_to_teacher_db") is not None]
+    return {
+        "benchmark": "benchmarks/realtime.py", "gpu": torch.cuda.get_device_name() if args.cuda else "cpu",
+        "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "weights": "tiny random init" if args.tiny else "random init, SD-1.5 architecture (the student's shapes)",
+        "frames_per_s": streamed["frames_per_s"], "first_frame_latency_s": streamed["first_frame_latency_s"],
+        "psnr_gap_to_teacher_db": max(gaps) if gaps else None, "warmup_seconds": round(warmup, 1),
+        "streamed": streamed, "sequential": None,
+        "settings": {"size": args.size, "fps": args.fps, "steps": args.steps, "guidance": args.guidance,
+                     "scheduler": "LCMScheduler (settings.video.distilled)", "dtype": "fp32" if args.tiny else "bf16",
+                     "chunk_frames": args.chunk_frames, "chunk_overlap": args.chunk_overlap,
+                     "context_frames": args.context_frames, "window_batch": args.window_batch,
+                     "channels_last": True, "compile": args.compile, "encoder": "libx264 crf 18 preset medium + AAC"},
+        "student_quality": quality or None,
+        "note": "psnr_gap_to_teacher_db: the largest of the datasets' 4-step student PSNR gaps to the 25-step teacher "
+                "(against ground truth, held-out clips, backbone=small at 256 px), from student_quality's sources",
+    }
+
+
+def write(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    temporary.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,38 +172,18 @@ def main() -> None:
                   Path(folder) / "warmup.mp4")
         warmup = time.perf_counter() - warm_start
         streamed = run_video(pipeline, portrait, landmarks, audio, args, Path(folder) / "realtime.mp4")
-        sequential = None
+        result = summary(args, streamed, warmup)
+        write(result, args.out)  # kept if the comparison below is stopped
         if args.sequential:
             frames = int(args.sequential * args.fps)
             overlapped = run_video(pipeline, portrait, landmarks[:frames], audio[: int(args.sequential * 16_000)], args,
                                    Path(folder) / "overlapped.mp4")
             one_thread = run_video(pipeline, portrait, landmarks[:frames], audio[: int(args.sequential * 16_000)], args,
                                    Path(folder) / "sequential.mp4", sequential=True)
-            sequential = {"seconds_of_video": args.sequential, "overlapped": overlapped, "one_thread": one_thread,
-                          "speedup": round(one_thread["seconds"] / overlapped["seconds"], 3)}
-    quality = student_quality(args.quality)
-    gaps = [entry["student_4_gap_to_teacher_db"] for entry in quality.values()
-            if entry.get("student_4_gap_to_teacher_db") is not None]
-    result = {
-        "benchmark": "benchmarks/realtime.py", "gpu": torch.cuda.get_device_name() if args.cuda else "cpu",
-        "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "weights": "tiny random init" if args.tiny else "random init, SD-1.5 architecture (the student's shapes)",
-        "frames_per_s": streamed["frames_per_s"], "first_frame_latency_s": streamed["first_frame_latency_s"],
-        "psnr_gap_to_teacher_db": max(gaps) if gaps else None, "warmup_seconds": round(warmup, 1),
-        "streamed": streamed, "sequential": sequential,
-        "settings": {"size": args.size, "fps": args.fps, "steps": args.steps, "guidance": args.guidance,
-                     "scheduler": "LCMScheduler (settings.video.distilled)", "dtype": "fp32" if args.tiny else "bf16",
-                     "chunk_frames": args.chunk_frames, "chunk_overlap": args.chunk_overlap,
-                     "context_frames": args.context_frames, "window_batch": args.window_batch,
-                     "channels_last": True, "compile": args.compile, "encoder": "libx264 crf 18 preset medium + AAC"},
-        "student_quality": quality or None,
-        "note": "psnr_gap_to_teacher_db: the largest of the datasets' 4-step student PSNR gaps to the 25-step teacher "
-                "(against ground truth, held-out clips, backbone=small at 256 px), from student_quality's sources",
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    temporary.replace(args.out)
+            result["sequential"] = {"seconds_of_video": args.sequential, "overlapped": overlapped,
+                                    "one_thread": one_thread,
+                                    "speedup": round(one_thread["seconds"] / overlapped["seconds"], 3)}
+            write(result, args.out)
     print(json.dumps({key: result[key] for key in ("gpu", "frames_per_s", "first_frame_latency_s",
                                                    "psnr_gap_to_teacher_db", "warmup_seconds")}))
     print(f"results: {args.out}")
