@@ -40,6 +40,7 @@ from aniportrait.data.synthetic import SyntheticSpec, generate_clip
 from aniportrait.face.drawing import draw_landmark_sequence
 from aniportrait.models.video_backbone import build_video_models
 from aniportrait.pipelines.pose2video import (
+    DECODE_BATCH_SIZE,
     INFERENCE_V2_SCHEDULER,
     Pose2VideoPipeline,
     build_scheduler,
@@ -101,7 +102,8 @@ def sample(pipeline: Pose2VideoPipeline, reference, poses, variant, args) -> np.
     return pipeline(reference, poses, num_inference_steps=variant.get("steps", args.steps),
                     guidance_scale=variant.get("guidance", args.guidance),
                     context_frames=variant["context_frames"], context_overlap=4, window_batch=variant["window_batch"],
-                    generator=torch.Generator(pipeline.device).manual_seed(0), progress=False, decode_batch_size=16)
+                    generator=torch.Generator(pipeline.device).manual_seed(0), progress=False,
+                    decode_batch_size=variant.get("decode_batch_size", DECODE_BATCH_SIZE))
 
 
 def _profile(pipeline: Pose2VideoPipeline, reference, poses, variant, args) -> dict[str, Any]:
@@ -177,6 +179,7 @@ def main() -> None:
         outputs[name] = frames
         profile = _profile(pipeline, reference, poses, variant, args) if args.profile and cuda else None
         result = {"variant": name, "guidance": variant.get("guidance", args.guidance),
+                  "decode_batch_size": variant.get("decode_batch_size", DECODE_BATCH_SIZE),
                   **{k: v for k, v in variant.items() if k not in ("compile", "scheduler")},
                   "scheduler": _scheduler_config(variant)["_target_"].split(".")[-1],
                   "steps": variant.get("steps", args.steps),

@@ -76,6 +76,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Frames per VAE decoder call. The official pipeline decodes one at a time (7.9 GiB peak for 48 frames at 512 x 512
+# on an H200); 16 at a time took ours to 13.2 GiB. Each decoded frame's activations cost 0.35-0.5 GB in bf16, while
+# one 512 x 512 frame already keeps the GPU busy, so 2 keep the peak near the official's at next to no speed cost
+# (benchmarks/README.md; the GPU figure for 2 is still to be measured).
+DECODE_BATCH_SIZE = 2
+
 
 def load_vae_and_image_encoder(backbone: Mapping[str, Any], with_vae: bool = True,
                                ) -> tuple[AutoencoderKL | None, CLIPVisionModelWithProjection, CLIPImageProcessor]:
@@ -284,7 +290,7 @@ class Pose2VideoPipeline:
         progress: bool = True,
         width: int | None = None,
         height: int | None = None,
-        decode_batch_size: int = 8,
+        decode_batch_size: int = DECODE_BATCH_SIZE,
         eta: float = 0.0,
         cache_pose_features: bool = True,
         window_batch: int = 1,
@@ -299,6 +305,8 @@ class Pose2VideoPipeline:
         unconditional pass. cache_pose_features: keep the PoseGuider's features of every window for all steps
         (about 4 MB per frame at 512 x 512 in bf16) instead of recomputing them. context_frames: the window length,
         or "auto" with the blended schedule (the fewest windows of at most 32 frames; see context_windows).
+        decode_batch_size: frames per VAE decoder call; the decoder's activations at 512 x 512 take about 0.35-0.5 GB
+        a frame in bf16 (0.7-1.0 GB in fp32, measured on the CPU), and a few frames already fill a GPU.
         window_batch: windows denoised together in one UNet call (with both guidance halves): the same
         computation in fewer, larger launches (1: one window per call). output_type: "uint8" (T, height, width, 3)
         or "float" (T, height, width, 3) in [0, 1].
@@ -311,7 +319,7 @@ class Pose2VideoPipeline:
     def frames(self, reference_image: np.ndarray, pose_images: Any, reference_pose: np.ndarray | None = None,
                num_inference_steps: int = 25, guidance_scale: float = 3.5, context_frames: int | str = 16,
                context_overlap: int = 4, generator: torch.Generator | None = None, progress: bool = True,
-               width: int | None = None, height: int | None = None, decode_batch_size: int = 8, eta: float = 0.0,
+               width: int | None = None, height: int | None = None, decode_batch_size: int = DECODE_BATCH_SIZE, eta: float = 0.0,
                cache_pose_features: bool = True, window_batch: int = 1, output_type: str = "uint8",
                ) -> Iterator[np.ndarray]:
         """:meth:`__call__`, the frames yielded ``decode_batch_size`` at a time as the VAE decodes them."""
