@@ -6,15 +6,19 @@ own datamodules (frames for the video stage, audio windows for the landmark stag
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from aniportrait.data.clip import Manifest
 from aniportrait.errors import AniPortraitError
 
-__all__ = ["ClipSource", "SyntheticSource"]
+__all__ = ["ClipSource", "MixedSource", "SyntheticSource"]
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +63,47 @@ class SyntheticSource:
         if not existed:
             log.info("synthetic dataset generated in %.1f s: %s", time.perf_counter() - started, path)
         return path
+
+
+class MixedSource:
+    """Several datasets trained on as one (``data=mixed``): e.g. the many synthetic identities beside a few real
+    clips, so that the appearance has to come from the reference instead of being memorised per identity.
+
+    ``sources`` maps a name to a source (anything with ``resolve() -> root``). The combined root under ``root`` holds
+    only a ``manifest.jsonl``: every clip of every source, its id and identity prefixed with the source's name
+    (``real__clip7``), its splits kept, its files referenced by relative paths into the source's root (nothing is
+    copied). Each distinct set of source manifests gets its own combined root (``mixed-<hash>``), written atomically.
+    """
+
+    def __init__(self, root: str, sources: Mapping[str, Any]):
+        if not sources:
+            raise AniPortraitError("data.sources is empty: give name: source pairs, e.g. synthetic: "
+                                   "{_target_: aniportrait.data.sources.SyntheticSource, ...}, real: {...}")
+        for name, source in sources.items():
+            if not str(name).replace("_", "").replace("-", "").isalnum():
+                raise AniPortraitError(f"data.sources: {name!r} is not a plain name (letters, digits, - and _)")
+            if not callable(getattr(source, "resolve", None)):
+                raise AniPortraitError(f"data.sources.{name} is not a dataset source (it needs a _target_, e.g. "
+                                       "aniportrait.data.sources.ClipSource)")
+        self.root, self.sources = root, dict(sources)
+
+    def resolve(self) -> Path:
+        roots = {name: Path(source.resolve()).resolve() for name, source in self.sources.items()}
+        manifests = {name: Manifest.load(root) for name, root in roots.items()}
+        digest = hashlib.sha256("".join(f"{name}={root}\n{(root / 'manifest.jsonl').read_text()}"
+                                        for name, root in sorted(roots.items())).encode()).hexdigest()[:10]
+        combined = Path(os.path.expanduser(str(self.root))).resolve() / f"mixed-{digest}"
+        combined.mkdir(parents=True, exist_ok=True)
+        records = []
+        for name, manifest in manifests.items():
+            for record in manifest.records:
+                paths = {key: None if getattr(record, key) is None else
+                         os.path.relpath(roots[name] / getattr(record, key), combined)
+                         for key in ("video", "landmarks", "audio")}
+                records.append(dataclasses.replace(record, id=f"{name}__{record.id}",
+                                                   identity=f"{name}__{record.identity}", **paths))
+        if not (combined / "manifest.jsonl").is_file():
+            Manifest(combined, records).save()
+            counts = {name: len(manifest.records) for name, manifest in manifests.items()}
+            log.info("mixed dataset %s: %s clips", combined, counts)
+        return combined
