@@ -146,6 +146,9 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
     cuda = args.device == "cuda"
     for unet in (module.reference_unet, module.denoising_unet):
         (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
+    if module.performance["cuda_graphs"] == "auto" and module.performance["compile"] is None:
+        # auto decides at setup from the checkpointing in force: decide again for this run's setting
+        module._performance_applied, module._graphed_prediction = False, None
     loader = DataLoader(FixedSamples(frames, size, clip_size), batch_size=batch_size, num_workers=2,
                         pin_memory=cuda, persistent_workers=True)
     timer = StepTimer(cuda)
