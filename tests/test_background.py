@@ -9,16 +9,17 @@ import pytest
 from aniportrait.utils.background import in_background
 
 
+def counted(total: int, produced: list[int]):
+    """0 .. total-1, each appended to ``produced`` as it is made."""
+    for number in range(total):
+        produced.append(number)
+        yield number
+
+
 def test_items_arrive_in_order_and_the_producer_runs_ahead():
     produced = []
-
-    def items():
-        for number in range(50):
-            produced.append(number)
-            yield number
-
     consumed = []
-    for item in in_background(items(), max_items=8):
+    for item in in_background(counted(50, produced), max_items=8):
         if not consumed:
             time.sleep(0.2)  # the producer fills the queue meanwhile
             assert 8 <= len(produced) <= 10  # bounded: the queue, one item in hand and the one taken
@@ -41,13 +42,7 @@ def test_an_error_of_the_producer_is_raised_in_the_consumer_after_its_items():
 
 def test_a_consumer_that_stops_stops_the_producer():
     produced = []
-
-    def items():
-        for number in range(10_000):
-            produced.append(number)
-            yield number
-
-    for item in in_background(items(), max_items=4):
+    for item in in_background(counted(10_000, produced), max_items=4):
         if item == 3:
             break
     count = len(produced)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aniportrait.data.clip import Manifest
+from aniportrait.data.clip import MANIFEST_NAME, Manifest
 from aniportrait.errors import AniPortraitError
 
 __all__ = ["ClipSource", "MixedSource", "SyntheticSource"]
@@ -90,9 +90,11 @@ class MixedSource:
     def resolve(self) -> Path:
         roots = {name: Path(source.resolve()).resolve() for name, source in self.sources.items()}
         manifests = {name: Manifest.load(root) for name, root in roots.items()}
-        digest = hashlib.sha256("".join(f"{name}={root}\n{(root / 'manifest.jsonl').read_text()}"
-                                        for name, root in sorted(roots.items())).encode()).hexdigest()[:10]
+        digest = hashlib.sha256("".join(f"{name}={roots[name]}\n" + "".join(record.to_json() for record in manifest.records)
+                                        for name, manifest in sorted(manifests.items())).encode()).hexdigest()[:10]
         combined = Path(os.path.expanduser(str(self.root))).resolve() / f"mixed-{digest}"
+        if (combined / MANIFEST_NAME).is_file():
+            return combined
         combined.mkdir(parents=True, exist_ok=True)
         records = []
         for name, manifest in manifests.items():
@@ -102,8 +104,6 @@ class MixedSource:
                          for key in ("video", "landmarks", "audio")}
                 records.append(dataclasses.replace(record, id=f"{name}__{record.id}",
                                                    identity=f"{name}__{record.identity}", **paths))
-        if not (combined / "manifest.jsonl").is_file():
-            Manifest(combined, records).save()
-            counts = {name: len(manifest.records) for name, manifest in manifests.items()}
-            log.info("mixed dataset %s: %s clips", combined, counts)
+        Manifest(combined, records).save()
+        log.info("mixed dataset %s: %s clips", combined, {name: len(m.records) for name, m in manifests.items()})
         return combined
