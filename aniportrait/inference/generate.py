@@ -144,7 +144,8 @@ def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames
     arguments = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance,
                  "context_frames": sampling.context_frames, "context_overlap": sampling.context_overlap,
                  "generator": generator, "progress": options.progress, "width": sampling.width,
-                 "height": sampling.height, "window_batch": int(options.window_batch)}
+                 "height": sampling.height, "window_batch": int(options.window_batch),
+                 **({} if options.decode_batch is None else {"decode_batch_size": int(options.decode_batch)})}
 
     def whole_video() -> Iterator[np.ndarray]:
         for batch in pipeline.frames(portrait.image, KeyframePoseImages(pose_frames, keys), reference_pose,

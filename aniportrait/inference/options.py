@@ -114,6 +114,7 @@ class AnimationOptions:
     context_frames: int | str | None = None  # frames the motion modules see at once ("auto": fewest windows) ...
     context_overlap: int | None = None  # ... and how many neighbouring windows share
     window_batch: int = 1  # context windows denoised together in one UNet call (same frames up to float rounding)
+    decode_batch: int | None = None  # frames per VAE decoder call (same frames); None: DECODE_BATCH_SIZE (2)
     scheduler: Any = None  # None: the bundle's; a diffusers scheduler class name or {_target_: ..., **overrides}
     sampling: str | None = None  # sampling preset: official | project; None: the bundle's (official when imported)
     keyframe_interval: int = 1  # accelerated mode: generate every k-th frame, interpolate the rest
@@ -151,6 +152,7 @@ class AnimationOptions:
             self.context_frames = values.integer("context_frames", self.context_frames, minimum=1, hint=" or auto")
         optional("context_overlap", values.integer, minimum=0)
         self.window_batch = values.integer("window_batch", self.window_batch, minimum=1)
+        optional("decode_batch", values.integer, minimum=1, hint=" frames per VAE call (or null: 2)")
         if isinstance(self.context_frames, int) and self.context_overlap is not None \
                 and self.context_overlap >= self.context_frames:
             raise AniPortraitError(f"context_overlap={self.context_overlap}: give fewer frames than "

@@ -457,11 +457,18 @@ class Pose2VideoPipeline:
         self.reference_unet(latents.repeat(len(embeds), 1, 1, 1).to(dtype), 0, embeds.to(dtype))
         self.reference_control.keep_bank(samples=slice(-1, None), dtype=self.preset.reference_bank_dtype)
 
-    def decode(self, latents: torch.Tensor, batch_size: int = 8, output_type: str = "uint8") -> Iterator[np.ndarray]:
+    def decode(self, latents: torch.Tensor, batch_size: int = DECODE_BATCH_SIZE, output_type: str = "uint8",
+               ) -> Iterator[np.ndarray]:
         """(1, 4, T, h, w) latents -> (k, H, W, 3) frames, ``batch_size`` per VAE call: uint8 as the preset rounds, or
-        float in [0, 1]."""
+        float in [0, 1].
+
+        On a GPU the frames of one call are copied to the host (pinned, asynchronously) while the next call is
+        queued, and yielded once that copy is done: the GPU never waits for the host to launch the next call, nor
+        for the consumer to take the frames (small batches otherwise stall on one synchronisation per call)."""
         frames = 1 / self.vae.config.scaling_factor * latents[0].transpose(0, 1)  # (T, 4, h, w)
         dtype = _module_dtype(self.vae)
+        asynchronous = frames.device.type == "cuda"
+        pending: tuple[torch.Tensor, Any] | None = None
         for start in range(0, len(frames), max(1, batch_size)):
             with torch.no_grad():
                 images = self.vae.decode(frames[start : start + batch_size].to(dtype)).sample.float()  # (k, 3, H, W)
@@ -469,4 +476,17 @@ class Pose2VideoPipeline:
                 images = (images / 2 + 0.5).clamp(0, 1)
             else:
                 images = to_uint8(images, self.preset.frames_to_uint8)
-            yield images.permute(0, 2, 3, 1).cpu().numpy()
+            images = images.permute(0, 2, 3, 1).contiguous()
+            if not asynchronous:
+                yield images.numpy()
+                continue
+            host = images.to("cpu", non_blocking=True)  # a pinned buffer, filled when the stream gets there
+            done = torch.cuda.Event()
+            done.record()
+            if pending is not None:
+                pending[1].synchronize()
+                yield pending[0].numpy()
+            pending = (host, done)
+        if pending is not None:
+            pending[1].synchronize()
+            yield pending[0].numpy()

@@ -70,3 +70,20 @@ def test_auto_windows_are_few_and_short(frames, windows, length):
     assert covered.min() >= 1 and layout[-1].stop == frames
     overlaps = [a.stop - b.start for a, b in zip(layout, layout[1:])]
     assert all(overlap >= 4 for overlap in overlaps)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_copies_behind_the_next_call_and_keeps_the_frames():
+    """On a GPU, decode() queues call k + 1 before it waits for call k's (pinned, asynchronous) copy: the frames
+    are those of one synchronous decode of all frames, in order, none lost or overwritten."""
+    models = build_video_models({"kind": "tiny", "seed": 0})
+    vae = models.vae.eval()
+    latents = torch.randn(1, 4, 11, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vae.decode(latents[0].transpose(0, 1) / vae.config.scaling_factor).sample
+    expected = (expected / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    pipeline = pipeline_of(models)
+    pipeline.vae = vae.to("cuda")
+    chunks = list(pipeline.decode(latents.to("cuda"), 3, output_type="float"))
+    assert [len(chunk) for chunk in chunks] == [3, 3, 3, 2]
+    np.testing.assert_allclose(np.concatenate(chunks), expected, atol=1e-3)
