@@ -15,7 +15,8 @@ overlapping by 4, one window per UNet call); the other rows keep their benchmark
 frames carry their quality figures where the learning benchmark measured them on trained weights (``--quality``:
 its ``distillation`` block: the 4-step student and undistilled 4-step DDIM / DPM-Solver against the 25-step
 teacher); random weights cannot measure quality. Writes the ``vs_official`` entry of
-benchmarks/results/inference_speed.json (the other entries are inference_speed.py's).
+benchmarks/results/inference_speed.json (an earlier call's moves to ``vs_official_earlier``; the other entries are
+inference_speed.py's).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def rows(official: dict[str, Any], ours: dict[str, Any], quality: list[Path]) ->
                "speedup_vs_official": round(reference / result["seconds_per_frame"], 2),
                "warmup_seconds": result.get("warmup_seconds"), "peak_allocated_gib": result.get("peak_allocated_gib"),
                "settings": {key: result.get(key) for key in ("context_frames", "window_batch", "channels_last",
-                                                             "compile", "frame_evaluations_per_step")},
+                                                             "compile", "frame_evaluations_per_step",
+                                                             "decode_batch_size")},
                "changes_frames": variant not in SAME_FRAMES}
         measured = quality_of(variant, quality)
         if row["changes_frames"]:
@@ -89,12 +91,18 @@ def main() -> None:
         raise SystemExit(f"workloads differ: ours {ours.get('frames')} frames at {ours.get('size')}, official "
                          f"{official.get('video_length')} at {official.get('H')}")
     document = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if "vs_official" in document:  # an earlier call's comparison is kept, newest first
+        document["vs_official_earlier"] = [document["vs_official"], *document.get("vs_official_earlier", [])]
     document["vs_official"] = {
         "gpu": ours.get("device"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "frames": ours["frames"], "size": ours["size"], "official_seconds_per_frame": official["median_s_per_frame"],
         "official_peak_allocated_gib": (official.get("memory") or {}).get("max_allocated_GiB"),
         "official_dtype": official.get("dtype"), "ours_dtype": ours.get("dtype"), "note": args.note,
         "files": [args.official.name, args.ours.name], "rows": rows(official, ours, args.quality)}
+    limit = document["vs_official"]["official_peak_allocated_gib"]
+    for row in document["vs_official"]["rows"]:
+        row["peak_at_most_official"] = None if limit is None or row["peak_allocated_gib"] is None \
+            else row["peak_allocated_gib"] <= limit
     temporary = args.out.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(document, indent=2) + "\n")
     temporary.replace(args.out)

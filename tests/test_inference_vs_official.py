@@ -43,6 +43,13 @@ def test_rows_against_the_official_call(tmp_path):
     assert student["speedup_vs_official"] == 12.0 and student["changes_frames"]
     assert student["quality"]["synthetic"]["psnr_vs_teacher"] == 25.0 and "real" not in student["quality"]
     assert document["vs_official"]["official_peak_allocated_gib"] == 7.9
+    assert default["peak_at_most_official"] is False and student["peak_at_most_official"] is None
+
+    first = document["vs_official"]  # a second call's comparison replaces it; the first is kept as history
+    again = _run(tmp_path, official, ours, "--quality", str(learning))
+    assert again.returncode == 0, again.stderr
+    document = json.loads((tmp_path / "speed.json").read_text())
+    assert document["vs_official_earlier"] == [first]
 
 
 def test_other_gpus_or_workloads_are_refused(tmp_path):
