@@ -55,6 +55,7 @@ import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -115,18 +116,44 @@ def run(command: list[str], env: dict[str, str], log: Path, timeout: float | Non
 # -- phase 1: the held-out real dataset ---------------------------------------------------------------------
 
 
-def prepare_real(out: Path, size: int) -> None:
-    from aniportrait.data.holdout import HoldoutSettings, split_frame_ranges
+def prepare_real(out: Path, size: int, extra_train: Path | None = None) -> None:
+    """The four clips of ``shared/samples/video`` with frame ranges held back (train / val / test parts of each), plus
+    every clip prepared from ``extra_train`` (other people, e.g. ``shared/samples/bad``) whole in the train split:
+    more identities to learn appearance transfer from, the test split unchanged."""
+    import shutil
 
-    with tempfile.TemporaryDirectory() as work:
+    from aniportrait.data.clip import clip_dir
+    from aniportrait.data.holdout import HoldoutSettings, split_frame_ranges
+    from aniportrait.utils.atomic import atomic_dir
+
+    def prepare(source: Path, prepared: Path, log: Path) -> None:
+        run([sys.executable, "-m", "aniportrait.data.prepare", f"input={source}", f"output={prepared}",
+             f"size={size}", "fps=25", "workers=1", f"landmarker_model={LANDMARKER}", "progress=false",
+             "mux_audio=false"], {}, log)
+
+    with tempfile.TemporaryDirectory() as work, atomic_dir(out) as tmp:
         prepared = Path(work) / "prepared"
-        run([sys.executable, "-m", "aniportrait.data.prepare", f"input={SHARED / 'samples' / 'video'}",
-             f"output={prepared}", f"size={size}", "fps=25", "workers=1", f"landmarker_model={LANDMARKER}",
-             "progress=false", "mux_audio=false"], {}, Path(work) / "prepare.log")
+        prepare(SHARED / "samples" / "video", prepared, Path(work) / "prepare.log")
         # video only, crf 23: stage B needs no speech, and the dataset must travel to the GPU beside the wheels
-        manifest = split_frame_ranges(prepared, out, HoldoutSettings(test_fraction=0.25, val_fraction=0.08,
-                                                                      gap_seconds=0.4, crf=23, audio=False))
-    print(f"{out}: " + ", ".join(f"{len(manifest.split(s))} {s}" for s in ("train", "val", "test")) + " clips")
+        heldout = Path(work) / "heldout"
+        split_frame_ranges(prepared, heldout, HoldoutSettings(test_fraction=0.25, val_fraction=0.08,
+                                                              gap_seconds=0.4, crf=23, audio=False))
+        manifest = Manifest.load(heldout)
+        if extra_train is not None:
+            extra = Path(work) / "extra"
+            prepare(extra_train, extra, Path(work) / "prepare_extra.log")
+            known = set(manifest.identities())
+            for record in Manifest.load(extra):
+                if record.identity in known:
+                    raise SystemExit(f"--extra-train: {record.identity} is also a held-out identity; "
+                                     "extra clips must show other people")
+                shutil.copytree(clip_dir(extra, record.id), clip_dir(heldout, record.id))
+                manifest.upsert(replace(record, split="train"))
+        manifest.save()
+        shutil.copytree(heldout, tmp, dirs_exist_ok=True)
+    manifest = Manifest.load(out)
+    print(f"{out}: " + ", ".join(f"{len(manifest.split(s))} {s}" for s in ("train", "val", "test")) + " clips, "
+          f"{len(manifest.identities('train'))} training identities")
 
 
 # -- phase 2: train and generate (GPU) ----------------------------------------------------------------------
@@ -637,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare-real", help="the held-out real dataset (CPU, MediaPipe)")
     prepare.add_argument("--out", type=Path, default=REPO / ".device_carry" / "real256")
     prepare.add_argument("--size", type=int, default=256)
+    prepare.add_argument("--extra-train", type=Path, default=None,
+                         help="a folder of other people's talking-head videos, prepared whole into the train split "
+                              "(the test split stays the four held-out ranges), e.g. ../shared/samples/bad: three "
+                              "more identities pass the preparation, 523 more training frames")
     train = commands.add_parser("train", help="train and generate one dataset (GPU)")
     train.add_argument("--dataset", choices=["synthetic", "real"], required=True)
     train.add_argument("--data", type=Path, help="the held-out real dataset (prepare-real)")
@@ -704,7 +735,7 @@ def main() -> None:
     if args.command == "compare":
         compare(args)
     elif args.command == "prepare-real":
-        prepare_real(args.out, args.size)
+        prepare_real(args.out, args.size, args.extra_train)
     elif args.command == "train":
         if args.dataset == "real" and not args.data:
             parser.error("--dataset real needs --data (python benchmarks/stage_b_learning.py prepare-real)")
