@@ -86,22 +86,26 @@ PACK_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB: larg
 
 
 def run(command: list[str], env: dict[str, str], log: Path, timeout: float | None = None, check: bool = True) -> str:
-    """Run a command of this repository, its stderr to ``log``; its stdout, or exit with the log's tail. Past
+    """Run a command of this repository, its stderr to ``log`` and its stdout to ``log`` + ``.out`` as they come (a
+    run stopped from outside keeps what it wrote); returns its stdout, or exits with the log's tail. Past
     ``timeout`` seconds the command gets SIGABRT, so Python's faulthandler writes where every thread was."""
     started = time.perf_counter()
-    with open(log, "w") as handle:
+    output = log.with_name(log.name + ".out")
+    with open(log, "w") as handle, open(output, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONFAULTHANDLER": "1", **env},
-                                   stdout=subprocess.PIPE, stderr=handle, text=True)
+                                   stdout=out, stderr=handle, text=True)
         try:
-            stdout, _ = process.communicate(timeout=timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack into the log
             try:
-                stdout, _ = process.communicate(timeout=15)
+                process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
-                stdout, _ = process.communicate()
+                process.wait()
             handle.write(f"\n[stage_b_learning] stopped after {timeout} s\n")
+    stdout = output.read_text()
+    with open(log, "a") as handle:
         handle.write(stdout)
     print(f"[{time.perf_counter() - started:6.1f} s] {' '.join(command[:3])} ... -> exit {process.returncode}",
           flush=True)

@@ -29,10 +29,20 @@ for name in $DATASETS; do
     real) data=(--data .device_carry/real256) ;;
     *) echo "DATASETS: unknown dataset '$name' (synthetic, real)" >&2; exit 2 ;;
   esac
-  python3 benchmarks/stage_b_learning.py train --dataset "$name" ${data[@]+"${data[@]}"} --work "$W/$name" \
+  setsid python3 benchmarks/stage_b_learning.py train --dataset "$name" ${data[@]+"${data[@]}"} --work "$W/$name" \
     --out "$OUT/$name.tar.gz" --phase "$PHASE" "$@" > "$W/$name.$PHASE.log" 2>&1 &
-  jobs+=($!)
+  jobs+=($!)  # each run leads its own process group (setsid): stopping it stops its train.py / evaluate.py too
 done
+pack_logs() {  # $OUT returns at most 8 files of 16 MiB: every log travels in one archive, beside the packs
+  ( cd "$W" && tar -czf "$OUT/logs.tar.gz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.mp4' \
+      *.log */*.log */*.out */logs/train/*/*/train.log 2>/dev/null )
+}
+stopped() {  # the call's limit (timeout's SIGTERM): stop the runs, keep their logs
+  echo "stopped from outside: the runs are ended and their logs packed" >&2
+  for job in "${jobs[@]}"; do kill -TERM -- "-$job" 2>/dev/null; done
+  kill "${monitor:-}" 2>/dev/null; sleep 3; pack_logs; exit 124
+}
+trap stopped TERM INT
 ( while sleep 20; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ps -eo pid,etimes,pcpu,rss,args --sort=-pcpu | grep -E "[p]ython3 .*(train|evaluate)\.py" | cut -c1-160 | head -4
   done ) > "$W/gpu_usage.$PHASE.log" 2>&1 &
@@ -40,9 +50,7 @@ monitor=$!
 status=0
 for job in "${jobs[@]}"; do wait "$job" || status=$?; done
 kill "$monitor" 2>/dev/null
-# $OUT returns at most 8 files of 16 MiB: every log travels in one archive, beside the packs (split into parts)
-( cd "$W" && tar -czf "$OUT/logs.tar.gz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.mp4' \
-    *.log */train.log */evaluate_*.log */logs/train/*/*/train.log 2>/dev/null )
+pack_logs
 for name in $DATASETS; do echo "== $name"; tail -n 12 "$W/$name.$PHASE.log"; done
 sort -t, -k2 -n "$W/gpu_usage.$PHASE.log" | tail -n 1 | sed 's/^/peak sample: /'
 ls -la "$OUT"
