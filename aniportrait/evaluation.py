@@ -567,7 +567,8 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
                 guidance_scale=float(generation.get("guidance_scale") or settings.get("guidance_scale", 3.5)),
                 context_frames=int(settings.get("context_frames", 16)), context_overlap=int(settings.get("context_overlap", 4)),
                 generator=torch.Generator(device=device).manual_seed(int(generation.get("seed", 0))),
-                width=size_w, height=size_h, progress=False)
+                width=size_w, height=size_h, progress=False,
+                deep_cache_interval=int(generation.get("deep_cache_interval") or 1))
         write_video(out_dir / f"{record.id}.mp4", video, record.fps, audio=_cut_audio(audio, count, record.fps))
     return out_dir
 

@@ -65,6 +65,11 @@ VARIANTS["compiled_dpm10"] = {**VARIANTS["fast_dpm10"], "compile": {}}
 VARIANTS["student4"] = {"context_frames": "auto", "window_batch": 64, "channels_last": True, "steps": 4,
                         "guidance": 1.0, "scheduler": lcm_scheduler_config(INFERENCE_V2_SCHEDULER, 50, 10.0)}
 VARIANTS["student4_compiled"] = {**VARIANTS["student4"], "compile": {}}
+# Deep-feature reuse (DeepCache, deep_cache_interval): the whole UNet every 2nd / 3rd step, its top level between;
+# the same sampler and steps as the default, other frames (their quality: the learning benchmark's deepcache rows).
+VARIANTS["deepcache2"] = {"context_frames": 16, "window_batch": 1, "deep_cache_interval": 2}
+VARIANTS["auto_deepcache2"] = {**VARIANTS["auto"], "deep_cache_interval": 2}
+VARIANTS["auto_deepcache3"] = {**VARIANTS["auto"], "deep_cache_interval": 3}
 
 
 def talking_head(frames: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +108,8 @@ def sample(pipeline: Pose2VideoPipeline, reference, poses, variant, args) -> np.
                     guidance_scale=variant.get("guidance", args.guidance),
                     context_frames=variant["context_frames"], context_overlap=4, window_batch=variant["window_batch"],
                     generator=torch.Generator(pipeline.device).manual_seed(0), progress=False,
-                    decode_batch_size=variant.get("decode_batch_size", DECODE_BATCH_SIZE))
+                    decode_batch_size=variant.get("decode_batch_size", DECODE_BATCH_SIZE),
+                    deep_cache_interval=variant.get("deep_cache_interval", 1))
 
 
 def _profile(pipeline: Pose2VideoPipeline, reference, poses, variant, args) -> dict[str, Any]:

@@ -22,6 +22,11 @@ and generates the same clips with it and with undistilled few-step sampling of t
     ddim_4, dpm_4        the teacher, 4 DDIM / DPM-Solver++ steps          steps, guidance 3.5) against ground truth,
                                                                              and better than ddim_4 / dpm_4
 
+and, student or not, the teacher's own sampler with deep features reused (issue 16; scored against the teacher's
+frames like the rows above):
+
+    deepcache_2 / _3     the whole UNet every 2nd / 3rd of the 25 steps, its top level between (DeepCache)
+
 The GPU has no MediaPipe, so the work is split in two phases:
 
     # 1. here (CPU): the held-out real dataset, carried to the GPU machine (ignored folder .device_carry/)
@@ -81,7 +86,10 @@ FAST_VARIANTS: dict[str, dict[str, Any]] = {
     "student_4": {"distilled": True, "steps": 4}, "student_2": {"distilled": True, "steps": 2},
     "student_1": {"distilled": True, "steps": 1}, "ddim_4": {"steps": 4},
     "dpm_4": {"steps": 4, "scheduler": {"_target_": "DPMSolverMultistepScheduler"}},
+    # issue 16: the teacher's own sampler and steps with deep features reused (DeepCache), no student needed
+    "deepcache_2": {"deep_cache_interval": 2}, "deepcache_3": {"deep_cache_interval": 3},
 }
+SAMPLING_KEYS = ("steps", "distilled", "deep_cache_interval")
 PACK_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB: larger packs are split into parts
 
 
@@ -241,15 +249,17 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
 
 def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, ablate: list[str],
                         scheduler: dict[str, str], out_dir: Path, steps: int | None = None,
-                        distilled: bool = False) -> list[str]:
+                        distilled: bool = False, deep_cache_interval: int = 1) -> list[str]:
     """evaluate.py's overrides for one variant: the test clips of ``root`` generated with ``bundle``, the paths in
     ``ablate`` cut, the sampling scheduler's ``scheduler`` settings changed, ``steps`` steps (default ``--steps``),
-    with the bundle's distilled student where ``distilled`` (its sampler, no guidance)."""
+    with the bundle's distilled student where ``distilled`` (its sampler, no guidance), deep features reused
+    across ``deep_cache_interval`` steps."""
     return [f"bundle={bundle}", "data=clips", f"data.root={root}", "protocol=self_reenactment",
             f"protocol.generation.ablate=[{','.join(ablate)}]",
             *(f"+protocol.generation.scheduler.{key}={value}" for key, value in scheduler.items()),
             f"protocol.generation.steps={steps or args.steps}", f"protocol.clips={args.test_clips or 'null'}",
             f"protocol.generation.distilled={str(distilled).lower()}",
+            f"protocol.generation.deep_cache_interval={deep_cache_interval}",
             "metrics.enabled=[ssim,psnr]", "metrics.download=false", f"output_dir={out_dir}", "num_workers=2",
             "overwrite=true"]
 
@@ -304,10 +314,10 @@ def train_and_generate(args: argparse.Namespace) -> None:
         unseen_root = _synthetic_root(work, args.tiny, unseen=args.unseen_identities)
         variants.update({variant: (ablate, unseen_root, {}, {}) for variant, ablate in UNSEEN_VARIANTS.items()})
     variants.update({variant: ([], root, settings, {}) for variant, settings in SCHEDULE_VARIANTS.items()})
-    if "video_distill" in record_in.get("budget_seconds", {}):  # the bundle holds a distilled student
-        variants.update({variant: ([], root, dict(spec.get("scheduler", {})),
-                                   {"steps": spec["steps"], "distilled": spec.get("distilled", False)})
-                         for variant, spec in FAST_VARIANTS.items()})
+    student = "video_distill" in record_in.get("budget_seconds", {})  # the bundle holds a distilled student
+    variants.update({variant: ([], root, dict(spec.get("scheduler", {})),
+                               {key: spec[key] for key in SAMPLING_KEYS if key in spec})
+                     for variant, spec in FAST_VARIANTS.items() if student or not spec.get("distilled")})
 
     def evaluate(variant: str) -> tuple[str, dict[str, Any] | None]:
         out_dir = work / "eval" / variant
@@ -485,7 +495,12 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
                  for variant, settings in SCHEDULE_VARIANTS.items() if record["gpu_metrics"].get(variant)}
     if schedules and record["gpu_metrics"].get("full"):  # the same clips, on the GPU, with the bundle's own betas
         schedules["bundle"] = {key: record["gpu_metrics"]["full"]["generated"].get(key) for key in ("psnr", "ssim")}
-    distillation = _distillation_scores(work, fast_variants, common, scored, full)
+    few_steps = _distillation_scores(work, fast_variants, common, scored, full)
+    # the teacher's sampler with deep features reused (issue 16) apart from the few-step rows (issue 17)
+    deep_cache = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith("deepcache_")}
+    distillation = few_steps if set(few_steps) - {"teacher"} else {}
+    if deep_cache:
+        deep_cache["teacher"] = few_steps.get("teacher")
     curves = record["curves"]
     training = {stage: {"steps": steps, "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
                 for stage, steps in _stage_steps(curves).items()}
@@ -494,6 +509,7 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         **({"unseen_identities": unseen} if unseen else {}),
         **({"sampling_schedules": schedules} if schedules else {}),
         **({"distillation": distillation} if distillation else {}),
+        **({"deep_cache": deep_cache} if deep_cache else {}),
         "training": {"stages": training, "train_minutes": round(record["seconds"]["train"] / 60, 2),
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],

@@ -113,10 +113,12 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
     assert distill.enabled and distill.trainer.max_time == "00:00:01:00" and distill.loader.batch_size == 4
     assert distill.optimizer.lr == 1e-4 and not distill.gradient_checkpointing
     assert not distill.performance.cuda_graphs  # the graphs capture stage 1 / 2's prediction only
-    for variant, spec in benchmark.FAST_VARIANTS.items():  # the few-step variants of issue 17
+    for variant, spec in benchmark.FAST_VARIANTS.items():  # issue 17's few-step and issue 16's deep-cache variants
+        sampling = {key: spec[key] for key in benchmark.SAMPLING_KEYS if key in spec}
         evaluate = _compose("evaluate", benchmark._evaluate_overrides(
             args, tmp_path / "bundle", tmp_path, [], dict(spec.get("scheduler", {})), tmp_path / variant,
-            steps=spec["steps"], distilled=spec.get("distilled", False)), tmp_path)
+            **sampling), tmp_path)
         generation = evaluate.protocol.generation
-        assert generation.steps == spec["steps"] and generation.distilled == spec.get("distilled", False)
+        assert generation.steps == spec.get("steps", 25) and generation.distilled == spec.get("distilled", False)
+        assert generation.deep_cache_interval == spec.get("deep_cache_interval", 1)
         assert dict(generation.scheduler) == spec.get("scheduler", {})

@@ -198,6 +198,14 @@ def test_window_batch_is_checked_and_comes_from_infer_config():
         batched = compose(config_name="infer", overrides=["window_batch=3"])
     assert AnimationOptions.from_kwargs(**options_from_config(default)).window_batch == 1
     assert AnimationOptions.from_kwargs(**options_from_config(batched)).window_batch == 3
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):  # the other sampling-cost keys
+        tuned = compose(config_name="infer", overrides=["decode_batch=8", "deep_cache_interval=3"])
+    defaults = AnimationOptions.from_kwargs(**options_from_config(default))
+    assert (defaults.decode_batch, defaults.deep_cache_interval) == (None, 1)
+    tuned = AnimationOptions.from_kwargs(**options_from_config(tuned))
+    assert (tuned.decode_batch, tuned.deep_cache_interval) == (8, 3)
+    with pytest.raises(AniPortraitError, match="deep_cache_interval"):
+        AnimationOptions(deep_cache_interval=0)
 
 
 # -- benchmarks/realtime.py --tiny ----------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class AnimationOptions:
     context_overlap: int | None = None  # ... and how many neighbouring windows share
     window_batch: int = 1  # context windows denoised together in one UNet call (same frames up to float rounding)
     decode_batch: int | None = None  # frames per VAE decoder call (same frames); None: DECODE_BATCH_SIZE (2)
+    deep_cache_interval: int = 1  # N > 1: the whole UNet every N-th step, its top level between (DeepCache; other frames)
     scheduler: Any = None  # None: the bundle's; a diffusers scheduler class name or {_target_: ..., **overrides}
     sampling: str | None = None  # sampling preset: official | project; None: the bundle's (official when imported)
     keyframe_interval: int = 1  # accelerated mode: generate every k-th frame, interpolate the rest
@@ -153,6 +154,8 @@ class AnimationOptions:
         optional("context_overlap", values.integer, minimum=0)
         self.window_batch = values.integer("window_batch", self.window_batch, minimum=1)
         optional("decode_batch", values.integer, minimum=1, hint=" frames per VAE call (or null: 2)")
+        self.deep_cache_interval = values.integer("deep_cache_interval", self.deep_cache_interval, minimum=1,
+                                                  hint=" (1: the whole UNet at every step)")
         if isinstance(self.context_frames, int) and self.context_overlap is not None \
                 and self.context_overlap >= self.context_frames:
             raise AniPortraitError(f"context_overlap={self.context_overlap}: give fewer frames than "

@@ -13,6 +13,13 @@ The forward runs the diffusers blocks' layers itself, in the official ``unet_3d_
 * PoseGuider features: ``pose_cond_fea[0]`` after ``conv_in``, ``pose_cond_fea[i + 1]`` after down block
   ``i`` (not into its skip connections), as in the official ``unet_3d.py``.
 
+Deep-feature reuse across sampling steps (DeepCache, Ma et al. 2023), for samplers: ``keep_deep_features=True``
+also returns the input of the last up block (``deep_features``: everything below the top level, computed at this
+step); a later call given ``deep_features`` runs only the top level (``conv_in``, down block 0 without its
+downsampler, the last up block) on top of them. Adjacent steps change the deep features little; the top level,
+which sees the new latents, the poses (``pose_cond_fea[0]``) and the reference bank at full resolution, runs at
+every step.
+
 With ``motion_module_resolutions=(1, 2, 4, 8)`` and ``motion_module_mid_block=True`` (``inference_v2.yaml``)
 an SD-1.5 UNet gets 2 modules per down block, 1 in the mid block and 3 per up block: 21.
 """
@@ -60,6 +67,7 @@ _MID_BLOCK = "UNetMidBlock2DCrossAttn"
 @dataclass
 class UNet3DConditionOutput(BaseOutput):
     sample: torch.Tensor  # (b, c, f, h, w)
+    deep_features: torch.Tensor | None = None  # (b f, C, h, w): the last up block's input (keep_deep_features)
 
 
 def _fold(video: torch.Tensor) -> torch.Tensor:
@@ -259,10 +267,13 @@ class UNet3DConditionModel(UNet2DConditionModel):
         encoder_hidden_states: torch.Tensor,
         pose_cond_fea: Sequence[torch.Tensor] | None = None,
         return_dict: bool = True,
+        deep_features: torch.Tensor | None = None,
+        keep_deep_features: bool = False,
     ) -> UNet3DConditionOutput | tuple[torch.Tensor]:
         """sample: (b, c, f, h, w) noisy latents; timestep: scalar or (b,); encoder_hidden_states: (b, L, D)
         (or (b f, L, D)); pose_cond_fea: the PoseGuider's features, (b, C_i, f, h_i, w_i), one after
-        ``conv_in`` and one per down block. Returns (b, out_channels, f, h, w)."""
+        ``conv_in`` and one per down block (only the first is used with ``deep_features``). Returns
+        (b, out_channels, f, h, w); deep_features / keep_deep_features: the module docstring's feature reuse."""
         if sample.ndim != 5:
             raise AniPortraitError(f"UNet3DConditionModel expects latents (b, c, f, h, w), got shape {tuple(sample.shape)}")
         batch, _, num_frames, height, width = sample.shape
@@ -284,22 +295,38 @@ class UNet3DConditionModel(UNet2DConditionModel):
         if pose is not None:
             hidden = hidden + pose[0]
         skips: tuple[torch.Tensor, ...] = (hidden,)
-        for level, block in enumerate(self.down_blocks):
-            hidden, block_skips = self._down_block(block, hidden, emb, encoder_hidden_states, num_frames)
-            if pose is not None:
-                hidden = hidden + pose[level + 1]
-            skips += block_skips
+        kept = None
+        if deep_features is not None:  # the top level only, on the deep features of an earlier step
+            skips += self._down_block(self.down_blocks[0], hidden, emb, encoder_hidden_states, num_frames,
+                                      downsample=False)[1]
+            top = self.up_blocks[-1]
+            if len(skips) != len(top.resnets) or deep_features.shape[0] != hidden.shape[0] \
+                    or deep_features.shape[2:] != hidden.shape[2:]:
+                raise AniPortraitError(f"deep_features of shape {tuple(deep_features.shape)} do not fit this call "
+                                       f"(latents {tuple(sample.shape)}): keep them from a call of the same shapes")
+            hidden = self._up_block(top, deep_features.to(hidden.dtype), skips, emb, encoder_hidden_states,
+                                    num_frames, None)
+        else:
+            for level, block in enumerate(self.down_blocks):
+                hidden, block_skips = self._down_block(block, hidden, emb, encoder_hidden_states, num_frames)
+                if pose is not None:
+                    hidden = hidden + pose[level + 1]
+                skips += block_skips
 
-        hidden = self._mid_block(hidden, emb, encoder_hidden_states, num_frames)
+            hidden = self._mid_block(hidden, emb, encoder_hidden_states, num_frames)
 
-        for index, block in enumerate(self.up_blocks):
-            block_skips, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
-            upsample_size = skips[-1].shape[2:] if forward_upsample_size and index < len(self.up_blocks) - 1 else None
-            hidden = self._up_block(block, hidden, block_skips, emb, encoder_hidden_states, num_frames, upsample_size)
+            for index, block in enumerate(self.up_blocks):
+                block_skips, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+                upsample_size = skips[-1].shape[2:] if forward_upsample_size and index < len(self.up_blocks) - 1 \
+                    else None
+                if keep_deep_features and index == len(self.up_blocks) - 1:
+                    kept = hidden
+                hidden = self._up_block(block, hidden, block_skips, emb, encoder_hidden_states, num_frames,
+                                        upsample_size)
 
         hidden = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
         output = _unfold(hidden, num_frames)
-        return UNet3DConditionOutput(sample=output) if return_dict else (output,)
+        return UNet3DConditionOutput(sample=output, deep_features=kept) if return_dict else (output,)
 
     def _frame_timesteps(self, timestep: torch.Tensor | float | int, batch: int, num_frames: int,
                          device: torch.device) -> torch.Tensor:
@@ -341,7 +368,7 @@ class UNet3DConditionModel(UNet2DConditionModel):
         return list(zip(block.resnets, attentions, motion_modules))
 
     def _down_block(self, block: nn.Module, hidden: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                    num_frames: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                    num_frames: int, downsample: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         skips: tuple[torch.Tensor, ...] = ()
         for resnet, attention, motion_module in self._layers(block):
             hidden = self._layer(resnet, hidden, emb)
@@ -350,7 +377,7 @@ class UNet3DConditionModel(UNet2DConditionModel):
             if motion_module is not None:
                 hidden = self._layer(motion_module, hidden, num_frames)
             skips += (hidden,)
-        if block.downsamplers is not None:
+        if block.downsamplers is not None and downsample:
             for downsampler in block.downsamplers:
                 hidden = downsampler(hidden)
             skips += (hidden,)

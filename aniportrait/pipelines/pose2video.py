@@ -295,6 +295,7 @@ class Pose2VideoPipeline:
         cache_pose_features: bool = True,
         window_batch: int = 1,
         output_type: str = "uint8",
+        deep_cache_interval: int = 1,
     ) -> np.ndarray:
         """Generate one frame per pose image.
 
@@ -309,25 +310,27 @@ class Pose2VideoPipeline:
         a frame in bf16 (0.7-1.0 GB in fp32, measured on the CPU), and a few frames already fill a GPU.
         window_batch: windows denoised together in one UNet call (with both guidance halves): the same
         computation in fewer, larger launches (1: one window per call). output_type: "uint8" (T, height, width, 3)
-        or "float" (T, height, width, 3) in [0, 1].
+        or "float" (T, height, width, 3) in [0, 1]. deep_cache_interval: N > 1 runs the whole UNet every N-th
+        step and, in between, only its top level on the deep features kept from the last whole step (DeepCache;
+        fewer FLOPs, other frames: measure the quality); 1 (default): the whole UNet at every step.
         """
         return np.concatenate(list(self.frames(
             reference_image, pose_images, reference_pose, num_inference_steps, guidance_scale, context_frames,
             context_overlap, generator, progress, width, height, decode_batch_size, eta, cache_pose_features,
-            window_batch, output_type)))
+            window_batch, output_type, deep_cache_interval)))
 
     def frames(self, reference_image: np.ndarray, pose_images: Any, reference_pose: np.ndarray | None = None,
                num_inference_steps: int = 25, guidance_scale: float = 3.5, context_frames: int | str = 16,
                context_overlap: int = 4, generator: torch.Generator | None = None, progress: bool = True,
                width: int | None = None, height: int | None = None, decode_batch_size: int = DECODE_BATCH_SIZE, eta: float = 0.0,
                cache_pose_features: bool = True, window_batch: int = 1, output_type: str = "uint8",
-               ) -> Iterator[np.ndarray]:
+               deep_cache_interval: int = 1) -> Iterator[np.ndarray]:
         """:meth:`__call__`, the frames yielded ``decode_batch_size`` at a time as the VAE decodes them."""
         if output_type not in ("uint8", "float"):
             raise AniPortraitError(f"output_type={output_type!r}: expected uint8 or float")
         latents = self.denoise(reference_image, pose_images, reference_pose, num_inference_steps, guidance_scale,
                                context_frames, context_overlap, generator, progress, width, height, eta,
-                               cache_pose_features, window_batch)
+                               cache_pose_features, window_batch, deep_cache_interval)
         yield from self.decode(latents, decode_batch_size, output_type)
 
     @torch.no_grad()
@@ -335,8 +338,12 @@ class Pose2VideoPipeline:
                 num_inference_steps: int = 25, guidance_scale: float = 3.5, context_frames: int | str = 16,
                 context_overlap: int = 4, generator: torch.Generator | None = None, progress: bool = True,
                 width: int | None = None, height: int | None = None, eta: float = 0.0,
-                cache_pose_features: bool = True, window_batch: int = 1) -> torch.Tensor:
+                cache_pose_features: bool = True, window_batch: int = 1, deep_cache_interval: int = 1,
+                ) -> torch.Tensor:
         """The denoising loop of :meth:`__call__`: the final latents (1, 4, T, height / 8, width / 8)."""
+        if int(deep_cache_interval) != deep_cache_interval or deep_cache_interval < 1:
+            raise AniPortraitError(f"deep_cache_interval={deep_cache_interval}: give a whole number >= 1 "
+                                   "(1: the whole UNet at every step)")
         reference_image = self._check_image("reference_image", reference_image, 3)
         if isinstance(pose_images, (list, tuple)):
             pose_images = np.asarray(pose_images)
@@ -384,9 +391,11 @@ class Pose2VideoPipeline:
         counts = schedule.counts(num_frames).to(device, latents_dtype).view(1, 1, -1, 1, 1)
         try:
             self._write_reference(reference_pixels, embeds, guided)
-            for timestep in tqdm(self.scheduler.timesteps, desc="denoising", disable=not progress):
+            deep: dict[int, torch.Tensor] = {}  # per window group: the deep features of its last whole step
+            for step, timestep in enumerate(tqdm(self.scheduler.timesteps, desc="denoising", disable=not progress)):
                 noise_pred = latents.new_zeros((2 if guided else 1, *latents.shape[1:]))  # ([uncond;] cond, 4, T, h, w)
-                for group in groups:
+                whole = deep_cache_interval == 1 or step % deep_cache_interval == 0
+                for number, group in enumerate(groups):
                     count, length = len(group), len(schedule.windows[group[0]])
                     model_input = torch.cat([latents[:, :, schedule.windows[index]] for index in group])  # (k, 4, n, h, w)
                     pose_features = [torch.cat(parts) for parts in zip(*(
@@ -396,10 +405,14 @@ class Pose2VideoPipeline:
                         pose_features = [torch.cat([feature, feature]) for feature in pose_features]
                     self.reference_control.read(num_frames=length, uncond_mask=[True] * count + [False] * count
                                                 if guided else None, cache_projections=True)
-                    prediction = self.denoising_unet(
+                    output = self.denoising_unet(
                         self.scheduler.scale_model_input(model_input, timestep).to(unet_dtype), timestep,
                         embeds.repeat_interleave(count, dim=0).to(unet_dtype), pose_cond_fea=pose_features,
-                    ).sample.to(latents_dtype)  # (k or 2k, 4, n, h, w)
+                        deep_features=None if whole else deep[number], keep_deep_features=deep_cache_interval > 1 and whole,
+                    )
+                    if deep_cache_interval > 1 and whole:
+                        deep[number] = output.deep_features
+                    prediction = output.sample.to(latents_dtype)  # (k or 2k, 4, n, h, w)
                     for row, index in enumerate(group):
                         window, window_prediction = schedule.windows[index], prediction[row::count]  # ([uncond;] cond)
                         if schedule.weights is not None:

@@ -201,6 +201,32 @@ def test_pose_features_are_added_after_conv_in_and_each_down_block(index):
     torch.testing.assert_close(captured[1] - captured[0], pose[index].permute(0, 2, 1, 3, 4).flatten(0, 1))
 
 
+def test_deep_features_reproduce_the_whole_unet_from_its_top_level():
+    """keep_deep_features returns the last up block's input; given back with the same inputs, the top level alone
+    (conv_in, down block 0 without its downsampler, the last up block) gives the whole forward's output exactly,
+    and runs none of the deeper layers. With other latents it gives another output (the top level sees them)."""
+    unet = _tiny_unet3d().eval()  # its own init: _randomize's weights blow the deep features up to 1e6, drowning
+    # the top level's own skip features
+    latents, context = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 1, 32)
+    shapes = [(32, 8), (32, 4), (64, 2), (128, 1), (128, 1)]
+    pose = [torch.randn(2, c, 3, size, size) for c, size in shapes]
+    deep_calls: list[int] = []
+    for module in (unet.mid_block.resnets[0], unet.down_blocks[1].resnets[0], unet.up_blocks[-2].resnets[0]):
+        module.register_forward_hook(lambda *_: deep_calls.append(1))
+    with torch.no_grad():
+        whole = unet(latents, 7, context, pose_cond_fea=pose, keep_deep_features=True)
+        assert len(deep_calls) == 3 and whole.deep_features.shape == (2 * 3, 64, 8, 8)  # up block 2, upsampled
+        assert unet(latents, 7, context, pose_cond_fea=pose).deep_features is None  # only when asked for
+        deep_calls.clear()
+        top = unet(latents, 7, context, pose_cond_fea=pose, deep_features=whole.deep_features)
+        assert deep_calls == [] and top.deep_features is None
+        torch.testing.assert_close(top.sample, whole.sample, rtol=0, atol=0)
+        moved = unet(torch.randn_like(latents), 7, context, pose_cond_fea=pose, deep_features=whole.deep_features)
+        assert (moved.sample - whole.sample).abs().mean() > 1e-3
+        with pytest.raises(AniPortraitError, match="deep_features"):
+            unet(latents[:1], 7, context[:1], pose_cond_fea=[f[:1] for f in pose], deep_features=whole.deep_features)
+
+
 def test_stage1_checkpoint_loads_with_only_motion_modules_missing(tmp_path):
     stage1 = _tiny_unet3d(use_motion_module=False)
     full = _tiny_unet3d()

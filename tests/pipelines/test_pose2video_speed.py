@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_pose2video import pipeline_of, randomize_motion_modules
 
+from aniportrait.errors import AniPortraitError
 from aniportrait.models.video_backbone import build_video_models
 from aniportrait.pipelines.pose2video import context_windows
 
@@ -87,3 +88,26 @@ def test_gpu_decode_copies_behind_the_next_call_and_keeps_the_frames():
     chunks = list(pipeline.decode(latents.to("cuda"), 3, output_type="float"))
     assert [len(chunk) for chunk in chunks] == [3, 3, 3, 2]
     np.testing.assert_allclose(np.concatenate(chunks), expected, atol=1e-3)
+
+
+def test_deep_cache_runs_the_whole_unet_every_nth_step(models):
+    """deep_cache_interval=2 over 3 steps: the deeper layers run at steps 0 and 2 only (per window), the top level at
+    every step; the frames differ from the whole UNet's (another function, to be judged on trained weights) but stay
+    a video of the same size; a bad interval is one clear error."""
+    pipeline = pipeline_of(models)
+    deep_calls, top_calls = [], []
+    deep_hook = models.denoising_unet.mid_block.resnets[0].register_forward_hook(lambda *_: deep_calls.append(1))
+    top_hook = models.denoising_unet.up_blocks[-1].resnets[0].register_forward_hook(lambda *_: top_calls.append(1))
+    try:
+        whole = _run(pipeline)
+        counts_whole = len(deep_calls), len(top_calls)
+        deep_calls.clear(), top_calls.clear()
+        cached = _run(pipeline, deep_cache_interval=2)
+        counts_cached = len(deep_calls), len(top_calls)
+    finally:
+        deep_hook.remove(), top_hook.remove()
+    windows = counts_whole[0] // 3
+    assert counts_whole == (3 * windows, 3 * windows) and counts_cached == (2 * windows, 3 * windows)
+    assert cached.shape == whole.shape and 15 < _psnr(cached, whole) < 80
+    with pytest.raises(AniPortraitError, match="deep_cache_interval"):
+        _run(pipeline, deep_cache_interval=0)
