@@ -57,34 +57,50 @@ def talking_head(seconds: float, fps: float, size: int, clip_seconds: float) -> 
     return portrait, landmarks[cycle[np.arange(frames) % len(cycle)]], audio
 
 
+class _Deadline(Exception):
+    """Raised from on_frame when the timed video runs past ``--deadline``."""
+
+
 def run_video(pipeline, portrait, landmarks: np.ndarray, audio: np.ndarray, args: argparse.Namespace,
-              output: Path, sequential: bool = False) -> dict[str, Any]:
-    """One generate_video call, timed: total, first frame, steady rate."""
+              output: Path, sequential: bool = False, deadline: float | None = None) -> dict[str, Any]:
+    """One generate_video call, timed: total, first frame, steady rate. Past ``deadline`` seconds the video is
+    stopped (no file is kept) and the rates are those of the frames written so far (``complete: false``)."""
     options = AnimationOptions(width=args.size, height=args.size, steps=args.steps, guidance=args.guidance,
                                scheduler=VARIANTS["student4"]["scheduler"], sampling="project",
                                context_frames=args.context_frames, context_overlap=4, window_batch=args.window_batch,
                                decode_batch=args.decode_batch,
                                chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, progress=False)
     stamps: list[float] = []
+
+    def on_frame(_: int) -> None:
+        stamps.append(time.perf_counter())
+        if deadline is not None and stamps[-1] - started > deadline:
+            raise _Deadline
+
     background = generate_module.in_background
     if sequential:  # sampling and writing on one thread, for comparison
         generate_module.in_background = lambda items, *_, **__: iter(items)
+    complete = True
     try:
         if args.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        count = generate_video(pipeline, portrait, LandmarkPoseFrames(landmarks, (args.size, args.size)), output,
-                               args.fps, audio, options, on_frame=lambda _: stamps.append(time.perf_counter()))
+        try:
+            count = generate_video(pipeline, portrait, LandmarkPoseFrames(landmarks, (args.size, args.size)), output,
+                                   args.fps, audio, options, on_frame=on_frame)
+        except _Deadline:
+            complete, count = False, len(stamps)
         seconds = time.perf_counter() - started  # the file is closed (and renamed) when generate_video returns
     finally:
         generate_module.in_background = background
     first = stamps[0] - started
     steady = (count - 1) / (stamps[-1] - stamps[0]) if count > 1 else None
-    result = {"frames": count, "video_seconds": round(count / args.fps, 2), "seconds": round(seconds, 3),
-              "frames_per_s": round(count / seconds, 2), "first_frame_latency_s": round(first, 3),
-              "steady_frames_per_s": None if steady is None else round(steady, 2),
-              "real_time_factor": round(count / args.fps / seconds, 3), "bytes": output.stat().st_size}
+    result = {"frames": count, "complete": complete, "video_seconds": round(count / args.fps, 2),
+              "seconds": round(seconds, 3), "frames_per_s": round(count / seconds, 2),
+              "first_frame_latency_s": round(first, 3), "steady_frames_per_s": None if steady is None else round(steady, 2),
+              "real_time_factor": round(count / args.fps / seconds, 3),
+              "bytes": output.stat().st_size if complete else None}
     if args.cuda:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(("sequential: " if sequential else "") + json.dumps(result), flush=True)
@@ -117,6 +133,7 @@ def summary(args: argparse.Namespace, streamed: dict[str, Any], warmup: float) -
         "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "weights": "tiny random init" if args.tiny else "random init, SD-1.5 architecture (the student's shapes)",
         "frames_per_s": streamed["frames_per_s"], "first_frame_latency_s": streamed["first_frame_latency_s"],
+        "complete": streamed["complete"],
         "psnr_gap_to_teacher_db": max(gaps) if gaps else None, "warmup_seconds": round(warmup, 1),
         "streamed": streamed, "sequential": None,
         "settings": {"size": args.size, "fps": args.fps, "steps": args.steps, "guidance": args.guidance,
@@ -155,6 +172,9 @@ def main() -> None:
                         help="frames per VAE call (infer.py decode_batch; the 19.2 frames/s of 2026-12-03 used 8; "
                              f"infer.py's default is {DECODE_BATCH_SIZE}, which keeps the official 48-frame peak)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="stop the timed video after SECONDS and report the frames written by then "
+                             "(complete: false), so a device call's limit never loses the measurement")
     parser.add_argument("--sequential", type=float, default=0.0, metavar="SECONDS",
                         help="also time a video of SECONDS with sampling and writing on one thread")
     parser.add_argument("--quality", type=Path, nargs="*", default=[
@@ -180,7 +200,8 @@ def main() -> None:
         run_video(pipeline, portrait, landmarks[:warm_frames], audio[: int(warm_frames / args.fps * 16_000)], args,
                   Path(folder) / "warmup.mp4")
         warmup = time.perf_counter() - warm_start
-        streamed = run_video(pipeline, portrait, landmarks, audio, args, Path(folder) / "realtime.mp4")
+        streamed = run_video(pipeline, portrait, landmarks, audio, args, Path(folder) / "realtime.mp4",
+                             deadline=args.deadline)
         result = summary(args, streamed, warmup)
         write(result, args.out)  # kept if the comparison below is stopped
         if args.sequential:

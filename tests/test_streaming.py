@@ -225,3 +225,16 @@ def test_realtime_benchmark_smoke_run(tmp_path):
     assert 0 < streamed["first_frame_latency_s"] < streamed["seconds"]
     assert report["settings"]["steps"] == 4 and report["settings"]["guidance"] == 1.0
     assert f"results: {out}" in result.stdout
+    assert report["complete"] and streamed["bytes"] > 0
+
+
+def test_realtime_benchmark_deadline_keeps_a_partial_measurement(tmp_path):
+    """--deadline: a video still running past it is stopped and the frames written by then are reported."""
+    out = tmp_path / "realtime.json"
+    result = subprocess.run([sys.executable, "benchmarks/realtime.py", "--tiny", "--deadline", "0.01", "--out",
+                             str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and 1 <= report["streamed"]["frames"] < 90
+    assert report["streamed"]["bytes"] is None and report["frames_per_s"] > 0
