@@ -42,15 +42,27 @@ RESULTS = Path(__file__).parent / "results" / "video_train_step.json"
 class FixedSamples(Dataset):
     """The same random training sample at every index (the layout VideoFrameDataset produces)."""
 
-    def __init__(self, frames: int, size: int, clip_size: int):
+    def __init__(self, frames: int, size: int, clip_size: int, cached_embed_dim: int | None = None):
+        """``cached_embed_dim``: the layout of ``model.loader.latent_cache`` instead (posteriors and CLIP embeddings
+        of that width in place of pixels): the step without the VAE encoder and the image encoder."""
         generator = torch.Generator().manual_seed(0)
         self.sample = {
-            "pixel_values": torch.rand(frames, 3, size, size, generator=generator) * 2 - 1,
             "pose_images": torch.rand(frames, 3, size, size, generator=generator) * 2 - 1,
-            "reference_image": torch.rand(3, size, size, generator=generator) * 2 - 1,
             "reference_pose": torch.rand(3, size, size, generator=generator) * 2 - 1,
-            "clip_image": torch.randn(3, clip_size, clip_size, generator=generator),
         }
+        if cached_embed_dim is None:
+            self.sample.update({
+                "pixel_values": torch.rand(frames, 3, size, size, generator=generator) * 2 - 1,
+                "reference_image": torch.rand(3, size, size, generator=generator) * 2 - 1,
+                "clip_image": torch.randn(3, clip_size, clip_size, generator=generator)})
+        else:
+            latent = (4, size // 8, size // 8)
+            self.sample.update({
+                "latent_mean": torch.randn(frames, *latent, generator=generator),
+                "latent_std": torch.rand(frames, *latent, generator=generator) * 0.1,
+                "reference_latent_mean": torch.randn(*latent, generator=generator),
+                "reference_latent_std": torch.rand(*latent, generator=generator) * 0.1,
+                "clip_embeds": torch.randn(cached_embed_dim, generator=generator)})
 
     def __len__(self) -> int:
         return 10**6
@@ -149,7 +161,8 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
     if module.performance["cuda_graphs"] == "auto" and module.performance["compile"] is None:
         # auto decides at setup from the checkpointing in force: decide again for this run's setting
         module._performance_applied, module._graphed_prediction = False, None
-    loader = DataLoader(FixedSamples(frames, size, clip_size), batch_size=batch_size, num_workers=2,
+    cached = module.frozen.image_encoder.config.projection_dim if VARIANTS[variant].get("cached_latents") else None
+    loader = DataLoader(FixedSamples(frames, size, clip_size, cached), batch_size=batch_size, num_workers=2,
                         pin_memory=cuda, persistent_workers=True)
     timer = StepTimer(cuda)
     analysis = StepAnalysis(flops_step=args.warmup - 2 if args.flops else None,
@@ -158,8 +171,9 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
                          max_steps=args.warmup + args.repeats, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer, analysis])
-    result: dict[str, Any] = {"variant": variant, "stage": module.stage, "batch_size": batch_size, "frames": frames,
-                              "size": size, "gradient_checkpointing": checkpointing, "precision": args.precision,
+    result: dict[str, Any] = {"variant": variant, "cached_latents": cached is not None, "stage": module.stage,
+                              "batch_size": batch_size, "frames": frames, "size": size,
+                              "gradient_checkpointing": checkpointing, "precision": args.precision,
                               "performance": dict(module.performance)}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -210,6 +224,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphs_fused": {"performance": {"cuda_graphs": True}, "fused": True, "cudnn_benchmark": True},
     "graphs_fast": {"performance": {"cuda_graphs": True, "channels_last": True}, "fused": True, "cudnn_benchmark": True},
 }
+# model.loader.latent_cache: the same steps on precomputed posteriors and CLIP embeddings (no encoders in the step)
+VARIANTS["default_cached"] = {**VARIANTS["default"], "cached_latents": True}
+VARIANTS["graphs_fast_cached"] = {**VARIANTS["graphs_fast"], "cached_latents": True}
 
 
 def build(stage: int, backbone: dict, variant: str, stage1: VideoStage1Module | None, eight_bit) -> pl.LightningModule:

@@ -27,6 +27,14 @@ Every sample is a pure function of ``(seed, index)``, so the same index always g
 reproducible, and ranks that draw disjoint indices shard cleanly. :class:`ResumableBatchLoader` numbers the
 training samples by step, so a resumed run continues with the batch an uninterrupted run would have seen.
 
+Precomputed latents (``latent_cache: true``, as MosaicML's precomputed latents): the frozen VAE's posterior and
+the CLIP embedding of every frame, computed once per clip by :mod:`aniportrait.training.latent_cache` into
+``<clip dir>/latents_<W>x<H>.safetensors`` (``mean``, ``std`` (T, 4, h, w), ``clip_embeds`` (T, D)). A sample then
+holds ``latent_mean`` / ``latent_std`` (f, 4, h, w), ``reference_latent_mean`` / ``reference_latent_std``
+(4, h, w) and ``clip_embeds`` (D,) in place of ``pixel_values``, ``reference_image`` and ``clip_image``: no video
+is decoded, and the step draws the latents from the same posterior. The cache holds centre crops, so it cannot be
+combined with the random crop, flip or colour jitter.
+
 Clips shorter than ``(n_sample_frames - 1) * min(sample_rate) + 1`` frames are skipped with a logged count.
 Random access into H.264 decodes from the previous keyframe: datasets prepared with short GOPs load much faster,
 and ``frame_cache_clips`` keeps that many whole decoded clips per loader process (small datasets on fast GPUs:
@@ -58,9 +66,14 @@ from aniportrait.face.drawing import draw_landmarks
 from aniportrait.models.pose_image_scaling import POSE_IMAGE_SCALINGS, scale_pose_images
 from aniportrait.utils.files import read_arrays
 
-__all__ = ["FrameSettings", "VideoFrameDataset", "ResumableBatchLoader", "VideoFrameDataModule"]
+__all__ = ["FrameSettings", "VideoFrameDataset", "ResumableBatchLoader", "VideoFrameDataModule", "latent_cache_name"]
 
 log = logging.getLogger(__name__)
+
+
+def latent_cache_name(width: int, height: int) -> str:
+    """The file a clip's precomputed latents at ``width`` x ``height`` live in, in the clip's folder."""
+    return f"latents_{int(width)}x{int(height)}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -125,8 +138,18 @@ class VideoFrameDataset(Dataset):
     def __init__(self, root: str | Path, records: Sequence[ClipRecord], settings: FrameSettings,
                  clip_image_processor: CLIPImageProcessor, split: str = "train", random_clips: bool = True,
                  augment: bool = True, length: int = 10_000, seed: int = 0, cache_clips: int = 8,
-                 frame_cache_clips: int = 0, conditioning: bool = True):
+                 frame_cache_clips: int = 0, conditioning: bool = True, latent_cache: bool = False):
         self.root, self.settings, self.split = Path(root), settings, split
+        self.latent_cache = bool(latent_cache)
+        if self.latent_cache and augment and (settings.crop_scale != (1.0, 1.0) or settings.horizontal_flip
+                                              or any(settings.color_jitter)):
+            raise AniPortraitError(
+                "model.loader.latent_cache=true holds centre crops of the frames; it cannot be combined with "
+                f"crop_scale={list(settings.crop_scale)}, horizontal_flip={settings.horizontal_flip} or "
+                f"color_jitter={list(settings.color_jitter)}: switch those off or set latent_cache=false")
+        if self.latent_cache and not conditioning:
+            raise AniPortraitError("model.loader.latent_cache=true is for stage B (conditioning: true); model=vae "
+                                   "trains on the frames themselves")
         self.clip_image_processor = clip_image_processor
         self.random_clips, self.augment, self.length, self.seed = random_clips, augment, int(length), int(seed)
         need = settings.min_clip_frames
@@ -314,8 +337,55 @@ class VideoFrameDataset(Dataset):
         size = (self.settings.height, self.settings.width)
         return np.stack([draw_landmarks(points, image_size=size, normalized=True) for points in xy])
 
+    def latent_cache_path(self, clip_index: int) -> Path:
+        record = self.records[clip_index]
+        return self.root / Path(record.video).parent / latent_cache_name(self.settings.width, self.settings.height)
+
+    def _cached_latents(self, clip_index: int, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """The cache's rows ``indices`` (float32): mean / std (n, 4, h, w) and clip_embeds (n, D)."""
+        from safetensors import safe_open
+
+        path = self.latent_cache_path(clip_index)
+        if not path.is_file():
+            raise AniPortraitError(f"clip {self.records[clip_index].id}: no precomputed latents at {path}; the stage "
+                                   "builds them before training (model.loader.latent_cache=true), or set it false")
+        rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key)[rows].float() for key in ("mean", "std", "clip_embeds")}
+
+    def _cached_sample(self, index: int, draw: _Draw) -> dict[str, torch.Tensor]:
+        """A sample from the latent cache: no frame is decoded; the poses are drawn through the centre crop."""
+        record = self.records[draw.clip_index]
+        lmks, _ = self.landmarks(draw.clip_index)
+        indices = np.concatenate([draw.frame_indices, [draw.reference_frame]])
+        cached = self._cached_latents(draw.clip_index, indices)
+        source_size = (record.height, record.width)
+        poses = self._poses(lmks[indices], self._centre_box(*source_size), source_size)
+        pose_images = scale_pose_images(torch.from_numpy(np.ascontiguousarray(poses)).permute(0, 3, 1, 2),
+                                        self.settings.pose_scaling)  # (f + 1, 3, H, W)
+        return {
+            "latent_mean": cached["mean"][:-1], "latent_std": cached["std"][:-1],
+            "reference_latent_mean": cached["mean"][-1], "reference_latent_std": cached["std"][-1],
+            "clip_embeds": cached["clip_embeds"][-1],
+            "sample_index": torch.tensor(int(index), dtype=torch.long),
+            "clip_index": torch.tensor(draw.clip_index, dtype=torch.long),
+            "frame_indices": torch.from_numpy(draw.frame_indices),
+            "reference_frame": torch.tensor(draw.reference_frame, dtype=torch.long),
+            "pose_images": pose_images[:-1], "reference_pose": pose_images[-1],
+        }
+
+    def cache_inputs(self, clip_index: int) -> tuple[np.ndarray, torch.Tensor]:
+        """What the latent cache of a clip is computed from: every frame through the centre crop, (T, H, W, 3) uint8,
+        and their CLIP pixels (T, 3, S, S), exactly as an unaugmented sample prepares them."""
+        frames = self.read_frames(clip_index, np.arange(self.records[clip_index].frames))
+        images = self._images(frames, self._centre_box(*frames.shape[1:3]))
+        clip = self.clip_image_processor(images=list(images), return_tensors="pt").pixel_values
+        return images, clip
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         draw = self._draw(int(index))
+        if self.latent_cache:
+            return self._cached_sample(index, draw)
         lmks, _ = self.landmarks(draw.clip_index)
         indices = np.concatenate([draw.frame_indices, [draw.reference_frame]])
         frames = self.read_frames(draw.clip_index, indices)  # (f + 1, h, w, 3)
@@ -421,6 +491,8 @@ class VideoFrameDataModule(pl.LightningDataModule):
     (``{}``: CLIP's 224 px defaults, as official). ``pin_memory``: None pins when CUDA is available.
     ``frame_cache_clips``: whole decoded clips kept per loader process (0: decode the frames a sample needs).
     ``conditioning``: false leaves pose images and CLIP pixels out of the samples (frames-only training).
+    ``latent_cache``: samples from precomputed latents (module docstring); the stage builds what is missing, stored
+    as ``latent_cache_dtype`` (float16, bfloat16 or float32).
     """
 
     def __init__(self, source, n_sample_frames: int = 1, sample_rate: int | Sequence[int] = 1, width: int = 512,
@@ -429,9 +501,11 @@ class VideoFrameDataModule(pl.LightningDataModule):
                  color_jitter: Sequence[float] | None = None, batch_size: int = 2,
                  eval_batch_size: int = 2, num_workers: int = 4, pin_memory: bool | None = None,
                  samples_per_epoch: int = 100_000, seed: int = 0, frame_cache_clips: int = 0,
-                 conditioning: bool = True):
+                 conditioning: bool = True, latent_cache: bool = False, latent_cache_dtype: str = "float16"):
         super().__init__()
-        self.dataset_options = {"frame_cache_clips": int(frame_cache_clips), "conditioning": bool(conditioning)}
+        self.latent_cache_dtype = str(latent_cache_dtype)
+        self.dataset_options = {"frame_cache_clips": int(frame_cache_clips), "conditioning": bool(conditioning),
+                                "latent_cache": bool(latent_cache)}
         self.source = source
         rates = [sample_rate] if isinstance(sample_rate, int) else list(sample_rate)
         self.frame_settings = FrameSettings(

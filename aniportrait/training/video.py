@@ -388,8 +388,62 @@ class _VideoDiffusionModule(pl.LightningModule):
         posteriors = [vae.encode(chunk.to(vae.dtype)).latent_dist for chunk in images.split(int(self.hparams.vae_batch_size))]
         mean = torch.cat([posterior.mean for posterior in posteriors]).float()
         std = torch.cat([posterior.std for posterior in posteriors]).float()
-        eps = self._randn((len(images) // len(generators), *mean.shape[1:]), generators).flatten(0, 1)
-        return (mean + std * eps) * vae.config.scaling_factor
+        return self._posterior_sample(mean, std, generators)
+
+    def _posterior_sample(self, mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """(b n, 4, h, w) posterior mean and std -> scaled latents, each sample's noise from its generator."""
+        eps = self._randn((len(mean) // len(generators), *mean.shape[1:]), generators).flatten(0, 1)
+        return (mean.to(eps.device).float() + std.to(eps.device).float() * eps) * self.frozen.vae.config.scaling_factor
+
+    def _batch_latents(self, batch: Mapping[str, torch.Tensor], generators: list[torch.Generator],
+                       uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Target latents (b, 4, f, h, w), reference latents (b, 4, h, w) and CLIP embeddings (b, 1, D) of a batch:
+        encoded from its pixels, or drawn from its precomputed posteriors (``model.loader.latent_cache``) with the
+        same noise."""
+        if "latent_mean" in batch:
+            batch_size, num_frames = batch["latent_mean"].shape[:2]
+            latents = self._posterior_sample(batch["latent_mean"].flatten(0, 1), batch["latent_std"].flatten(0, 1),
+                                             generators)
+            reference_latents = self._posterior_sample(batch["reference_latent_mean"], batch["reference_latent_std"],
+                                                       generators)
+            clip_embeds = self._cached_clip_embeds(batch["clip_embeds"], uncond)
+        else:
+            batch_size, num_frames = batch["pixel_values"].shape[:2]
+            latents = self._sample_latents(batch["pixel_values"].flatten(0, 1), generators)  # (b f, 4, h, w)
+            reference_latents = self._sample_latents(batch["reference_image"], generators)  # (b, 4, h, w)
+            clip_embeds = self._clip_embeds(batch["clip_image"], uncond)  # (b, 1, D)
+        return latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2), reference_latents, clip_embeds
+
+    def _cached_clip_embeds(self, embeds: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """(b, D) precomputed embeddings -> (b, 1, D), unconditional samples per ``loss.uncond_clip`` as
+        :meth:`_clip_embeds` makes them (``zero_image``: the encoder's embedding of a zero image, computed here)."""
+        embeds = embeds.to(self.device).float()
+        drop = uncond.to(self.device)[:, None]
+        if self.loss_settings["uncond_clip"] == "zero_image" and bool(drop.any()):
+            encoder = self.frozen.image_encoder
+            size = int(encoder.config.image_size)
+            zero = encoder(torch.zeros(1, 3, size, size, device=self.device, dtype=encoder.dtype)).image_embeds.float()
+            embeds = torch.where(drop, zero.expand_as(embeds), embeds)
+        elif self.loss_settings["uncond_clip"] == "zero_embedding":
+            embeds = torch.where(drop, torch.zeros_like(embeds), embeds)
+        return embeds.unsqueeze(1)
+
+    def _build_latent_cache(self) -> None:
+        """``model.loader.latent_cache``: every clip's posteriors and CLIP embeddings, built where missing or stale
+        (each rank its share), before the first step reads them."""
+        from aniportrait.training.latent_cache import ensure_latent_cache
+
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datasets = [dataset for dataset in getattr(datamodule, "datasets", {}).values()
+                    if getattr(dataset, "latent_cache", False)]
+        if not datasets:
+            return
+        self._prepare_frozen()
+        ensure_latent_cache(datasets, self.frozen.vae, self.frozen.image_encoder,
+                            dtype=str(getattr(datamodule, "latent_cache_dtype", "float16")),
+                            batch_size=int(self.hparams.vae_batch_size), rank=self.trainer.global_rank,
+                            world_size=self.trainer.world_size, progress=self.trainer.is_global_zero)
+        self.trainer.strategy.barrier("latent_cache")
 
     def _clip_embeds(self, clip_images: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """(b, 3, S, S) CLIP pixels -> (b, 1, D) embeddings; unconditional samples per ``loss.uncond_clip``."""
@@ -435,18 +489,14 @@ class _VideoDiffusionModule(pl.LightningModule):
 
     def _diffusion_loss(self, batch: Mapping[str, torch.Tensor], stream: int, allow_uncond: bool) -> torch.Tensor:
         cpu_generators, generators = self._generators(batch, stream)
-        pixel_values = batch["pixel_values"]  # (b, f, 3, H, W)
-        batch_size, num_frames = pixel_values.shape[:2]
+        batch_size = len(batch["sample_index"])
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.cat([torch.randint(0, steps, (1,), generator=generator) for generator in cpu_generators])
         timesteps = timesteps.to(self.device)  # (b,)
         uncond = self._draw_uncond(cpu_generators) if allow_uncond else torch.zeros(batch_size, dtype=torch.bool)
         self._prepare_frozen()
         with torch.no_grad():
-            latents = self._sample_latents(pixel_values.flatten(0, 1), generators)  # (b f, 4, h, w)
-            latents = latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2)  # (b, 4, f, h, w)
-            reference_latents = self._sample_latents(batch["reference_image"], generators)  # (b, 4, h, w)
-            clip_embeds = self._clip_embeds(batch["clip_image"], uncond)  # (b, 1, D)
+            latents, reference_latents, clip_embeds = self._batch_latents(batch, generators, uncond)
 
         noise = self._randn(latents.shape[1:], generators)  # (b, 4, f, h, w)
         if self.loss_settings["noise_offset"]:
@@ -553,6 +603,7 @@ class _VideoDiffusionModule(pl.LightningModule):
                 "a stage-1 Lightning checkpoint (.ckpt), or a folder with the official reference_unet.pth, "
                 "denoising_unet.pth and pose_guider.pth"
             )
+        self._build_latent_cache()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._restored_from_checkpoint = True

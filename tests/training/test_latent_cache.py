@@ -1,0 +1,116 @@
+"""Precomputed latents (model.loader.latent_cache): the cache holds what the pixel path computes, a step on it gives
+the pixel path's loss (float32 cache), building resumes and rebuilds what is stale, a stage trains on it, and the
+augmentations it cannot hold are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_video_training import TINY, datamodule, trainer
+
+from aniportrait.data.sources import ClipSource
+from aniportrait.errors import AniPortraitError
+from aniportrait.training.latent_cache import ensure_latent_cache
+from aniportrait.training.video import VideoStage1Module, VideoStage2Module
+
+
+@pytest.fixture
+def source(tiny_dataset: Path, tmp_path: Path) -> ClipSource:
+    """A copy of the session's tiny dataset: cache files are written into the clip folders."""
+    return ClipSource(str(shutil.copytree(tiny_dataset, tmp_path / "data")))
+
+
+def _pair(source, **settings):
+    pixels, cached = datamodule(source, batch_size=4, **settings), datamodule(source, batch_size=4, latent_cache=True,
+                                                                             latent_cache_dtype="float32", **settings)
+    pixels.setup("fit"), cached.setup("fit")
+    return pixels, cached
+
+
+@pytest.mark.parametrize("module_class,settings,uncond_clip", [
+    (VideoStage1Module, {}, "zero_image"),
+    (VideoStage2Module, {"n_sample_frames": 4, "sample_rate": 2}, "zero_embedding"),
+])
+def test_a_step_on_the_cache_computes_the_pixel_paths_loss(source, module_class, settings, uncond_clip):
+    pixels, cached = _pair(source, **settings)
+    module = module_class(TINY, loss={"uncond_per_sample": True, "uncond_ratio": 0.5, "uncond_clip": uncond_clip})
+    module.eval()
+    counts = ensure_latent_cache(cached.datasets.values(), module.frozen.vae, module.frozen.image_encoder,
+                                 dtype="float32", progress=False)
+    assert counts["built"] == len({dataset.latent_cache_path(i) for dataset in cached.datasets.values()
+                                   for i in range(len(dataset.records))}) and counts["kept"] == 0
+    batch, cached_batch = next(iter(pixels.train_dataloader())), next(iter(cached.train_dataloader()))
+    assert "pixel_values" not in cached_batch and cached_batch["latent_mean"].shape[1] == batch["pixel_values"].shape[1]
+    torch.testing.assert_close(cached_batch["pose_images"], batch["pose_images"])
+    with torch.no_grad():
+        expected = module._diffusion_loss(batch, stream=0, allow_uncond=True)
+        loss = module._diffusion_loss(cached_batch, stream=0, allow_uncond=True)
+        # the comparison can tell: another stream draws other noise and timesteps
+        other = module._diffusion_loss(cached_batch, stream=1, allow_uncond=True)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert abs(float(other) - float(expected)) > 1e-4
+
+
+def test_building_resumes_and_rebuilds_what_is_stale(source, tmp_path):
+    _, cached = _pair(source)
+    module = VideoStage1Module(TINY)
+    datasets = list(cached.datasets.values())
+    first = ensure_latent_cache(datasets, module.frozen.vae, module.frozen.image_encoder, progress=False)
+    again = ensure_latent_cache(datasets, module.frozen.vae, module.frozen.image_encoder, progress=False)
+    assert again == {"built": 0, "kept": first["built"] + first["kept"]}
+    path = datasets[0].latent_cache_path(0)
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.get_tensor("mean").dtype == torch.float16 and handle.metadata()["dtype"] == "float16"
+        frames = handle.get_tensor("mean").shape[0]
+    assert frames == datasets[0].records[0].frames
+    path.write_bytes(b"torn")  # a stopped write, or another VAE, is rebuilt; nothing else is
+    with torch.no_grad():
+        module.frozen.vae.decoder.conv_out.bias.add_(1.0)  # the decoder is not in the cache's fingerprint: kept
+    assert ensure_latent_cache(datasets, module.frozen.vae, module.frozen.image_encoder, progress=False)["built"] == 1
+    with torch.no_grad():
+        next(module.frozen.vae.parameters()).add_(0.5)
+    rebuilt = ensure_latent_cache(datasets, module.frozen.vae, module.frozen.image_encoder, progress=False)
+    assert rebuilt == {"built": first["built"] + first["kept"], "kept": 0}
+    shares = [ensure_latent_cache(datasets, module.frozen.vae, module.frozen.image_encoder, dtype="bfloat16", rank=rank,
+                                  world_size=2, progress=False)["built"] for rank in (0, 1)]
+    assert sum(shares) == rebuilt["built"] and min(shares) > 0  # ranks split the clips
+
+
+def test_a_stage_builds_its_cache_and_trains_on_it(source, tmp_path):
+    module = VideoStage1Module(TINY, optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-3}, eight_bit_adam=False)
+    data = datamodule(source, batch_size=2, latent_cache=True)
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
+    assert all(dataset.latent_cache_path(index).is_file() for dataset in data.datasets.values()
+               for index in range(len(dataset.records)))
+
+
+def test_augmentations_the_cache_cannot_hold_are_refused(source):
+    for settings in ({"horizontal_flip": 0.5}, {"color_jitter": [0.2, 0.0, 0.0, 0.0]}, {"crop_scale": [0.8, 1.0]}):
+        with pytest.raises(AniPortraitError, match="latent_cache"):
+            datamodule(source, latent_cache=True, **settings).setup("fit")
+    data = datamodule(source, latent_cache=True)
+    data.setup("fit")
+    with pytest.raises(AniPortraitError, match="no precomputed latents"):
+        data.datasets["train"][0]
+
+
+def test_the_loader_keys_compose(tmp_path):
+    """model.loader.latent_cache / latent_cache_dtype reach the datamodule of stages 1 and 2."""
+    from hydra import compose, initialize_config_dir
+
+    from aniportrait.data.video_frames import VideoFrameDataModule
+
+    config_dir = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        for model in ("video_stage1", "video_stage2"):
+            cfg = compose(config_name="train", overrides=[f"model={model}", "backbone=tiny",
+                                                         "model.loader.latent_cache=true"])
+            assert cfg.model.loader.latent_cache is True and cfg.model.loader.latent_cache_dtype == "float16"
+            loader = VideoFrameDataModule(ClipSource(str(tmp_path)), **{
+                key: value for key, value in cfg.model.loader.items() if key not in ("_target_", "source")})
+            assert loader.dataset_options["latent_cache"] is True and loader.latent_cache_dtype == "float16"
