@@ -234,6 +234,7 @@ def options_from_config(cfg: DictConfig) -> dict[str, Any]:
         "keyframe_interval": cfg.get("keyframe_interval") or 1,
         "interpolator": OmegaConf.to_container(interpolator) if isinstance(interpolator, DictConfig) else interpolator,
         "chunk_frames": stream.get("chunk_frames"), "chunk_overlap": stream.get("chunk_overlap", 8),
+        "first_chunk_frames": stream.get("first_chunk_frames"),
         "pose_source": pose.get("source", "auto"), "pose_template": pose.get("template"),
         "rotation_scale": pose.get("rotation_scale"), "smooth_window": pose.get("smooth_window"),
         "identity": cfg.get("identity"), "reference_frame": cfg.get("reference_frame", 0),

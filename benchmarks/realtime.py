@@ -69,7 +69,8 @@ def run_video(pipeline, portrait, landmarks: np.ndarray, audio: np.ndarray, args
                                scheduler=VARIANTS["student4"]["scheduler"], sampling="project",
                                context_frames=args.context_frames, context_overlap=4, window_batch=args.window_batch,
                                decode_batch=args.decode_batch,
-                               chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, progress=False)
+                               chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap,
+                               first_chunk_frames=args.first_chunk, progress=False)
     stamps: list[float] = []
 
     def on_frame(_: int) -> None:
@@ -139,6 +140,7 @@ def summary(args: argparse.Namespace, streamed: dict[str, Any], warmup: float) -
         "settings": {"size": args.size, "fps": args.fps, "steps": args.steps, "guidance": args.guidance,
                      "scheduler": "LCMScheduler (settings.video.distilled)", "dtype": "fp32" if args.tiny else "bf16",
                      "chunk_frames": args.chunk_frames, "chunk_overlap": args.chunk_overlap,
+                     "first_chunk_frames": args.first_chunk,
                      "context_frames": args.context_frames, "window_batch": args.window_batch,
                      "decode_batch_size": args.decode_batch, "channels_last": True, "compile": args.compile,
                      "encoder": "libx264 crf 18 preset medium + AAC"},
@@ -166,6 +168,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=1.0, help="1.0: no classifier-free guidance (the student)")
     parser.add_argument("--chunk-frames", type=int, default=64, help="frames per pipeline call (stream.chunk_frames)")
     parser.add_argument("--chunk-overlap", type=int, default=4, help="frames neighbouring chunks cross-fade")
+    parser.add_argument("--first-chunk", type=int, default=None,
+                        help="the first chunk's frames (stream.first_chunk_frames; default: --chunk-frames): a short "
+                             "one brings the first frame sooner")
     parser.add_argument("--context-frames", default="auto")
     parser.add_argument("--window-batch", type=int, default=8, help="context windows per UNet call")
     parser.add_argument("--decode-batch", type=int, default=8,

@@ -14,6 +14,7 @@ from aniportrait.api import AniPortrait
 from aniportrait.audio.io import frame_count, load_audio
 from aniportrait.data.clip import Manifest
 from aniportrait.data.video import probe_video, read_video, write_video
+from aniportrait.errors import AniPortraitError
 from aniportrait.inference import (
     FlowInterpolator,
     LinearInterpolator,
@@ -125,6 +126,11 @@ def test_keyframes_chunks_and_cross_fades():
     spans = chunk_spans(100, 48, 8)
     assert [(span.start, span.stop) for span in spans] == [(0, 48), (40, 88), (80, 100)]
     assert chunk_spans(30, 48, 8) == [slice(0, 30)]
+    short_first = chunk_spans(100, 48, 8, first_frames=16)  # a streaming viewer's first chunk: 16 frames
+    assert [(span.start, span.stop) for span in short_first] == [(0, 16), (8, 56), (48, 96), (88, 100)]
+    assert chunk_spans(12, 48, 8, first_frames=16) == [slice(0, 12)]
+    with pytest.raises(AniPortraitError, match="first_chunk_frames=8"):
+        chunk_spans(100, 48, 8, first_frames=8)
     # two chunks of constant frames sharing 3: each frame once, the shared ones fading from the first to the second
     first, second = np.zeros((6, 2, 2, 3), np.uint8), np.full((5, 2, 2, 3), 200, np.uint8)
     frames = np.stack(list(stitch_chunks([first, second], 3)))

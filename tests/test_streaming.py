@@ -149,6 +149,24 @@ def test_batched_windows_write_the_same_frames(pipeline, talking, tmp_path, samp
     assert batched.mean() < 0.1 * layout_change and (batched > 0).mean() < 0.1, (batched.mean(), layout_change)
 
 
+def test_a_short_first_chunk_reaches_the_pipeline(pipeline, talking, tmp_path, monkeypatch):
+    """stream.first_chunk_frames: 26 frames in chunks of 12 sharing 4, the first of 6: pipeline calls of 6, 12, 12
+    pose frames (starts 0, 2, 10, then 18 covers the rest), every frame written once."""
+    lengths = []
+    denoise = pipeline.denoise
+
+    def recording(reference_image, pose_images, *args, **kwargs):
+        lengths.append(len(pose_images))
+        return denoise(reference_image, pose_images, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "denoise", recording)
+    written = _generate(pipeline, talking, tmp_path / "short_first.mp4", 26, sampling="project", chunk_frames=12,
+                        chunk_overlap=4, first_chunk_frames=6, context_frames=8, context_overlap=2)
+    assert written == 26 and lengths == [6, 12, 12, 8]
+    with pytest.raises(AniPortraitError, match="first_chunk_frames"):
+        AnimationOptions(chunk_frames=12, chunk_overlap=4, first_chunk_frames=4)
+
+
 def test_decode_batch_reaches_the_decoder_and_keeps_the_frames(pipeline, talking, tmp_path):
     """decode_batch (infer.py's key): 13 frames decoded 1 or 5 per VAE call make 13 or 3 decoder calls; the decoded
     frames agree up to the float rounding of batched convolutions (compared before H.264, which amplifies a level)."""

@@ -57,16 +57,22 @@ POSE_FEATURE_CACHE_FRAMES = 256
 WRITE_AHEAD_FRAMES = 256
 
 
-def chunk_spans(num_frames: int, chunk_frames: int, overlap: int) -> list[slice]:
+def chunk_spans(num_frames: int, chunk_frames: int, overlap: int, first_frames: int | None = None) -> list[slice]:
     """Consecutive spans of at most ``chunk_frames`` covering ``range(num_frames)``, neighbours sharing exactly
-    ``overlap`` frames (every span is longer than the overlap)."""
+    ``overlap`` frames (every span is longer than the overlap). ``first_frames``: the first span's length instead
+    (a short first chunk: a streaming viewer's first frame comes sooner)."""
     if chunk_frames < 1 or not 0 <= overlap < chunk_frames:
         raise AniPortraitError(f"chunk_frames={chunk_frames}, chunk_overlap={overlap}: need chunk_frames >= 1 and "
                                "0 <= chunk_overlap < chunk_frames")
-    if num_frames <= chunk_frames:
+    if first_frames is not None and not overlap < first_frames:
+        raise AniPortraitError(f"first_chunk_frames={first_frames}: give more frames than chunk_overlap={overlap}")
+    first = chunk_frames if first_frames is None else first_frames
+    if num_frames <= first:
         return [slice(0, num_frames)]
-    starts = range(0, num_frames - overlap, chunk_frames - overlap)
-    return [slice(start, min(start + chunk_frames, num_frames)) for start in starts]
+    spans = [slice(0, first)]
+    for start in range(first - overlap, num_frames - overlap, chunk_frames - overlap):
+        spans.append(slice(start, min(start + chunk_frames, num_frames)))
+    return spans
 
 
 def stitch_chunks(chunks: Iterable[np.ndarray], overlap: int) -> Iterator[np.ndarray]:
@@ -154,7 +160,8 @@ def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames
             yield from batch
 
     def chunks() -> Iterator[np.ndarray]:
-        for span in chunk_spans(len(keys), sampling.chunk_frames, int(options.chunk_overlap)):
+        for span in chunk_spans(len(keys), sampling.chunk_frames, int(options.chunk_overlap),
+                                options.first_chunk_frames):
             yield pipeline(portrait.image, pose_frames.render(keys[span]), reference_pose, **arguments)
 
     keyframes = whole_video() if sampling.chunk_frames is None else stitch_chunks(chunks(), int(options.chunk_overlap))

@@ -123,6 +123,7 @@ class AnimationOptions:
     chunk_frames: int | None = None  # stage-B frames per pipeline call (keyframes in accelerated mode), bounding
     # memory; None: the preset's: the whole video in one sequence of context windows (official), 120 (project)
     chunk_overlap: int = 8  # frames two neighbouring chunks share and cross-fade
+    first_chunk_frames: int | None = None  # the first chunk's frames (streaming: a short one, a sooner first frame)
     pose_source: str = "auto"  # audio: auto | predicted | still | template; video: auto | driver | still | template
     pose_template: str | None = None  # an official pose_temp.npy (N, 6)
     rotation_scale: float | None = None  # Audio2Pose rotations x this (None: the bundle's; 0.5 official)
@@ -168,6 +169,10 @@ class AnimationOptions:
         if self.chunk_frames is not None and self.chunk_overlap >= self.chunk_frames:
             raise AniPortraitError(f"chunk_overlap={self.chunk_overlap}: give fewer frames than "
                                    f"chunk_frames={self.chunk_frames}")
+        optional("first_chunk_frames", values.integer, minimum=1, hint=" (or null: chunk_frames)")
+        if self.first_chunk_frames is not None and self.chunk_overlap >= self.first_chunk_frames:
+            raise AniPortraitError(f"first_chunk_frames={self.first_chunk_frames}: give more frames than "
+                                   f"chunk_overlap={self.chunk_overlap}")
         self.pose_source = values.choice("pose_source", self.pose_source, POSE_SOURCES)
         optional("rotation_scale", values.number, minimum=0, hint=" (0.5 official)")
         optional("smooth_window", values.integer, minimum=1, hint=" frames (1: no smoothing)")

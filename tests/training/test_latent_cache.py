@@ -4,9 +4,8 @@ augmentations it cannot hold are refused."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
