@@ -377,7 +377,11 @@ class VideoFrameDataset(Dataset):
     def cache_inputs(self, clip_index: int) -> tuple[np.ndarray, torch.Tensor]:
         """What the latent cache of a clip is computed from: every frame through the centre crop, (T, H, W, 3) uint8,
         and their CLIP pixels (T, 3, S, S), exactly as an unaugmented sample prepares them."""
-        frames = self.read_frames(clip_index, np.arange(self.records[clip_index].frames))
+        record = self.records[clip_index]
+        frames = self.read_frames(clip_index, np.arange(record.frames))
+        if frames.shape[1:3] != (record.height, record.width):  # cached samples take the crop from the manifest
+            raise AniPortraitError(f"clip {record.id}: its video is {frames.shape[2]}x{frames.shape[1]}, the manifest "
+                                   f"says {record.width}x{record.height}; re-run the preparation for this clip")
         images = self._images(frames, self._centre_box(*frames.shape[1:3]))
         clip = self.clip_image_processor(images=list(images), return_tensors="pt").pixel_values
         return images, clip

@@ -5,8 +5,8 @@ Per clip, ``<clip dir>/latents_<W>x<H>.safetensors`` holds the VAE posterior of 
 centre crop (``mean`` and ``std``, (T, 4, h, w), unscaled: the step draws ``mean + std * eps`` with the same
 noise the pixel path would draw, then scales) and the CLIP image embedding of every frame (``clip_embeds``,
 (T, D); a sample uses its reference frame's). The file's metadata names what it was made from: the output size,
-the frame count and source size, the stored dtype, and fingerprints of the VAE and the image encoder (a few
-weight statistics). A file whose metadata does not match is rebuilt; one that matches is kept, so building
+the frame count and source size, the stored dtype, and fingerprints of the VAE's encoder side and of the image
+encoder (a hash of every parameter's sums). A file whose metadata does not match is rebuilt; one that matches is kept, so building
 resumes where a stopped run left off. Files are written under a temporary name and renamed.
 
 With float32 files the step computes what the pixel path computes (``tests/training/test_latent_cache.py``);
@@ -16,6 +16,7 @@ Stored at 512 x 512 in float16: 128 KiB of latents and 1.5 KiB of embeddings a f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -38,14 +39,17 @@ log = logging.getLogger(__name__)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def fingerprint(module: torch.nn.Module) -> str:
-    """A short identity of a module's weights: shapes and float64 sums of its first and last parameters."""
-    parameters = list(module.parameters())
-    if not parameters:
-        return "no-parameters"
-    picked = [parameters[0], parameters[len(parameters) // 2], parameters[-1]]
-    return ";".join(f"{tuple(p.shape)}:{p.detach().double().sum().item():.9e}:{p.detach().double().abs().sum().item():.9e}"
-                    for p in picked) + f";n={len(parameters)}"
+def fingerprint(module: torch.nn.Module, parts: tuple[str, ...] | None = None) -> str:
+    """A short identity of the weights a cache depends on: sha256 over every parameter's shape, sum and absolute
+    sum (float64) of ``module``, or of its submodules ``parts`` only (the VAE: its encoder side)."""
+    modules = [module] if parts is None else [getattr(module, name) for name in parts if hasattr(module, name)]
+    digest = hashlib.sha256()
+    for part in modules:
+        for name, parameter in part.named_parameters():
+            values = parameter.detach().double()
+            digest.update(f"{name}{tuple(values.shape)}".encode())
+            digest.update(torch.stack([values.sum(), values.abs().sum()]).cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 def _metadata(dataset: VideoFrameDataset, clip_index: int, vae_print: str, encoder_print: str, dtype: str) -> dict[str, str]:
@@ -92,7 +96,7 @@ def ensure_latent_cache(datasets: Iterable[VideoFrameDataset], vae: Any, image_e
     ``rank::world_size`` of the union, so ranks never write the same file); returns counts of built and kept."""
     if dtype not in CACHE_DTYPES:
         raise AniPortraitError(f"model.loader.latent_cache_dtype={dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
-    vae_print, encoder_print = fingerprint(vae), fingerprint(image_encoder)
+    vae_print, encoder_print = fingerprint(vae, ("encoder", "quant_conv")), fingerprint(image_encoder)
     work: dict[Path, tuple[VideoFrameDataset, int, dict[str, str]]] = {}
     for dataset in datasets:
         for clip_index in range(len(dataset.records)):
