@@ -235,6 +235,8 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     if args.color_jitter:  # stage B only: the VAE should reconstruct what it sees
         overrides += [f"model.stages.{stage}.loader.color_jitter=[{args.color_jitter}]"
                       for stage in ("video_stage1", "video_stage2", "video_distill") if stage in seconds]
+    if args.stage2_sample_rate:  # the motion modules' frame strides (official: half 1, half 4)
+        overrides += [f"model.stages.video_stage2.loader.sample_rate=[{args.stage2_sample_rate}]"]
     if args.vae_patch:
         overrides += [f"model.stages.vae.train_patch_size={args.vae_patch}"]
     if args.channels_last:
@@ -336,7 +338,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny,
         "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips,
         "clips_per_identity": args.clips_per_identity if args.dataset == "synthetic" else None,
-        "color_jitter": args.color_jitter, "vae_patch": args.vae_patch, "channels_last": args.channels_last,
+        "color_jitter": args.color_jitter, "stage2_sample_rate": args.stage2_sample_rate, "vae_patch": args.vae_patch,
+        "channels_last": args.channels_last,
         "cuda_graphs": args.cuda_graphs, "distill_learning_rate": args.distill_lr if args.distill_seconds else None,
         "size": 64 if args.tiny else args.size,
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
@@ -514,6 +517,7 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],
                      "sampling_steps": record["sampling_steps"], "color_jitter": record.get("color_jitter"),
+                     "stage2_sample_rate": record.get("stage2_sample_rate"),
                      "identities": record.get("identities"), "clips_per_identity": record.get("clips_per_identity"),
                      "vae_patch": record.get("vae_patch"), "channels_last": record.get("channels_last")},
         "complete": bool(common) and sorted(common) == sorted(test_clips) and all(coverage.values()),
@@ -724,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--color-jitter", default="0.3,0.3,0.4,0.08",
                        help="stage-B colour jitter 'b,c,s,h' (model.loader.color_jitter; '' for none): colours must "
                             "come from the reference, so it cannot be bypassed by memorising the identities")
+    train.add_argument("--stage2-sample-rate", default=None,
+                       help="stage 2's frame strides, e.g. '1' (default: the config's [1, 4], as official): the "
+                            "generated clips play at stride 1, so strides of 4 teach the motion modules faster motion "
+                            "than they will see (a suspect for stage 2's jitter)")
     train.add_argument("--vae-patch", type=int, default=None, help="model=vae fits random patches of this size "
                        "(model.train_patch_size; default whole frames)")
     train.add_argument("--channels-last", action="store_true", help="NHWC convolutions in every stage (same function)")

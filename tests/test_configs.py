@@ -90,12 +90,14 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
     spec.loader.exec_module(benchmark)
     args = benchmark.build_parser().parse_args([
         "train", "--dataset", "synthetic", "--work", str(tmp_path), "--out", str(tmp_path / "pack.tar.gz"),
-        "--vae-patch", "128", "--channels-last", "--profile", "--cuda-graphs", "--distill-seconds", "60"])
+        "--vae-patch", "128", "--channels-last", "--profile", "--cuda-graphs", "--distill-seconds", "60",
+        "--stage2-sample-rate", "1"])
     cfg = _compose("train", benchmark._train_overrides(args, tmp_path), tmp_path)
     stages = cfg.model.stages
     assert stages.vae.train_patch_size == 128 and stages.vae.channels_last is True
     assert list(stages.video_stage1.loader.color_jitter) == [0.3, 0.3, 0.4, 0.08]
     assert list(stages.video_stage2.loader.color_jitter) == [0.3, 0.3, 0.4, 0.08]
+    assert list(stages.video_stage2.loader.sample_rate) == [1]
     assert stages.vae.loader.color_jitter is None
     assert stages.video_stage1.performance.channels_last and stages.video_stage2.performance.channels_last
     assert stages.video_stage1.trainer.profiler == "simple" and stages.audio.enabled is False
