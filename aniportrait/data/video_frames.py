@@ -341,36 +341,51 @@ class VideoFrameDataset(Dataset):
         record = self.records[clip_index]
         return self.root / Path(record.video).parent / latent_cache_name(self.settings.width, self.settings.height)
 
-    def _cached_latents(self, clip_index: int, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """The cache's rows ``indices`` (float32): mean / std (n, 4, h, w) and clip_embeds (n, D)."""
+    def _cached_latents(self, clip_index: int, draw: _Draw) -> dict[str, torch.Tensor]:
+        """The cache's rows of the sample's frames then its reference (float32): mean / std (f + 1, 4, h, w) and
+        clip_embeds (f + 1, D); only the span of the frames and the reference row are read from the file."""
         from safetensors import safe_open
 
         path = self.latent_cache_path(clip_index)
         if not path.is_file():
             raise AniPortraitError(f"clip {self.records[clip_index].id}: no precomputed latents at {path}; the stage "
                                    "builds them before training (model.loader.latent_cache=true), or set it false")
-        rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        first, last, reference = int(draw.frame_indices.min()), int(draw.frame_indices.max()), int(draw.reference_frame)
+        rows = torch.from_numpy(draw.frame_indices - first)
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key)[rows].float() for key in ("mean", "std", "clip_embeds")}
+            return {key: torch.cat([handle.get_slice(key)[first : last + 1][rows],
+                                    handle.get_slice(key)[reference : reference + 1]]).float()
+                    for key in ("mean", "std", "clip_embeds")}
+
+    def _pose_tensors(self, lmks: np.ndarray, box: tuple[int, int, int, int], source_size: tuple[int, int],
+                      flip: bool) -> torch.Tensor:
+        """(n, 3, H, W) pose images of landmarks seen through ``box``, flipped as the sample is, then scaled."""
+        poses = self._poses(lmks, box, source_size)
+        if flip:
+            poses = poses[:, :, ::-1]
+        return scale_pose_images(torch.from_numpy(np.ascontiguousarray(poses)).permute(0, 3, 1, 2),
+                                 self.settings.pose_scaling)
+
+    @staticmethod
+    def _identity(index: int, draw: _Draw) -> dict[str, torch.Tensor]:
+        """The fields that say which sample this is (every sample has them)."""
+        return {"sample_index": torch.tensor(int(index), dtype=torch.long),
+                "clip_index": torch.tensor(draw.clip_index, dtype=torch.long),
+                "frame_indices": torch.from_numpy(draw.frame_indices),
+                "reference_frame": torch.tensor(draw.reference_frame, dtype=torch.long)}
 
     def _cached_sample(self, index: int, draw: _Draw) -> dict[str, torch.Tensor]:
         """A sample from the latent cache: no frame is decoded; the poses are drawn through the centre crop."""
         record = self.records[draw.clip_index]
         lmks, _ = self.landmarks(draw.clip_index)
         indices = np.concatenate([draw.frame_indices, [draw.reference_frame]])
-        cached = self._cached_latents(draw.clip_index, indices)
+        cached = self._cached_latents(draw.clip_index, draw)
         source_size = (record.height, record.width)
-        poses = self._poses(lmks[indices], self._centre_box(*source_size), source_size)
-        pose_images = scale_pose_images(torch.from_numpy(np.ascontiguousarray(poses)).permute(0, 3, 1, 2),
-                                        self.settings.pose_scaling)  # (f + 1, 3, H, W)
+        pose_images = self._pose_tensors(lmks[indices], self._centre_box(*source_size), source_size, flip=False)
         return {
             "latent_mean": cached["mean"][:-1], "latent_std": cached["std"][:-1],
             "reference_latent_mean": cached["mean"][-1], "reference_latent_std": cached["std"][-1],
-            "clip_embeds": cached["clip_embeds"][-1],
-            "sample_index": torch.tensor(int(index), dtype=torch.long),
-            "clip_index": torch.tensor(draw.clip_index, dtype=torch.long),
-            "frame_indices": torch.from_numpy(draw.frame_indices),
-            "reference_frame": torch.tensor(draw.reference_frame, dtype=torch.long),
+            "clip_embeds": cached["clip_embeds"][-1], **self._identity(index, draw),
             "pose_images": pose_images[:-1], "reference_pose": pose_images[-1],
         }
 
@@ -401,23 +416,12 @@ class VideoFrameDataset(Dataset):
         if draw.color is not None:
             images = self._jitter(np.ascontiguousarray(images), draw.color)
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        sample = {
-            "pixel_values": pixels[:-1],
-            "reference_image": pixels[-1],
-            "sample_index": torch.tensor(int(index), dtype=torch.long),
-            "clip_index": torch.tensor(draw.clip_index, dtype=torch.long),
-            "frame_indices": torch.from_numpy(draw.frame_indices),
-            "reference_frame": torch.tensor(draw.reference_frame, dtype=torch.long),
-        }
+        sample = {"pixel_values": pixels[:-1], "reference_image": pixels[-1], **self._identity(index, draw)}
         if not self.conditioning:
             return sample
-        poses = self._poses(lmks[indices], box, source_size)
-        if draw.flip:
-            poses = poses[:, :, ::-1]
         reference = np.ascontiguousarray(images[-1])
         clip_image = self.clip_image_processor(images=reference, return_tensors="pt").pixel_values[0]
-        pose_images = scale_pose_images(torch.from_numpy(np.ascontiguousarray(poses)).permute(0, 3, 1, 2),
-                                        self.settings.pose_scaling)  # (f + 1, 3, H, W)
+        pose_images = self._pose_tensors(lmks[indices], box, source_size, draw.flip)  # (f + 1, 3, H, W)
         return {**sample, "pose_images": pose_images[:-1], "reference_pose": pose_images[-1], "clip_image": clip_image}
 
     def preview(self, index: int, num_frames: int) -> dict[str, Any]:

@@ -248,8 +248,7 @@ class VideoDistillModule(VideoStage2Module):
         if getattr(self, "_stage1_missing", False) and not getattr(self, "_restored_from_checkpoint", False):
             raise AniPortraitError("model.teacher is not set: distillation needs a trained stage 2. Set "
                                    "model.teacher=PATH to the bundle a model=video_stage2 or model=all run printed")
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if any(getattr(dataset, "latent_cache", False) for dataset in getattr(datamodule, "datasets", {}).values()):
+        if self._latent_cache_datasets():
             raise AniPortraitError("model.loader.latent_cache=true is for stages 1 and 2; stage 3 (video_distill) "
                                    "reads pixels: set model.loader.latent_cache=false for it")
 

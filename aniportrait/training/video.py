@@ -421,23 +421,31 @@ class _VideoDiffusionModule(pl.LightningModule):
         drop = uncond.to(self.device)[:, None]
         if self.loss_settings["uncond_clip"] == "zero_image" and bool(drop.any()):
             encoder = self.frozen.image_encoder
-            size = int(encoder.config.image_size)
-            zero = encoder(torch.zeros(1, 3, size, size, device=self.device, dtype=encoder.dtype)).image_embeds.float()
-            embeds = torch.where(drop, zero.expand_as(embeds), embeds)
+            key = (encoder.device, encoder.dtype)
+            if getattr(self, "_zero_image_embeds", (None, None))[0] != key:  # once per device and dtype
+                size = int(encoder.config.image_size)
+                zeros = torch.zeros(1, 3, size, size, device=encoder.device, dtype=encoder.dtype)
+                self._zero_image_embeds = (key, encoder(zeros).image_embeds.float())
+            embeds = torch.where(drop, self._zero_image_embeds[1].to(self.device).expand_as(embeds), embeds)
         elif self.loss_settings["uncond_clip"] == "zero_embedding":
             embeds = torch.where(drop, torch.zeros_like(embeds), embeds)
         return embeds.unsqueeze(1)
+
+    def _latent_cache_datasets(self) -> list[Any]:
+        """The datamodule's datasets that read precomputed latents (none without a trainer)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return [dataset for dataset in getattr(datamodule, "datasets", {}).values()
+                if getattr(dataset, "latent_cache", False)]
 
     def _build_latent_cache(self) -> None:
         """``model.loader.latent_cache``: every clip's posteriors and CLIP embeddings, built where missing or stale
         (each rank its share), before the first step reads them."""
         from aniportrait.training.latent_cache import ensure_latent_cache
 
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        datasets = [dataset for dataset in getattr(datamodule, "datasets", {}).values()
-                    if getattr(dataset, "latent_cache", False)]
+        datasets = self._latent_cache_datasets()
         if not datasets:
             return
+        datamodule = self.trainer.datamodule
         self._prepare_frozen()
         ensure_latent_cache(datasets, self.frozen.vae, self.frozen.image_encoder,
                             dtype=str(getattr(datamodule, "latent_cache_dtype", "float16")),
