@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 from operator import attrgetter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,8 @@ from aniportrait.data.video import probe_video, read_video
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait
 from aniportrait.inference import AnimationOptions, LandmarkPoseFrames, LinearInterpolator, generate_video
+from aniportrait.inference import generate as generate_module
+from aniportrait.inference.options import Sampling
 from aniportrait.models.schedulers import build_scheduler
 from aniportrait.models.video_backbone import build_video_models
 from aniportrait.pipelines.context import context_schedule
@@ -219,11 +222,63 @@ def test_window_batch_is_checked_and_comes_from_infer_config():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):  # the other sampling-cost keys
         tuned = compose(config_name="infer", overrides=["decode_batch=8", "deep_cache_interval=3"])
     defaults = AnimationOptions.from_kwargs(**options_from_config(default))
-    assert (defaults.decode_batch, defaults.deep_cache_interval) == (None, 1)
+    assert (defaults.decode_batch, defaults.deep_cache_interval) == (None, None)  # the preset's, below
     tuned = AnimationOptions.from_kwargs(**options_from_config(tuned))
     assert (tuned.decode_batch, tuned.deep_cache_interval) == (8, 3)
     with pytest.raises(AniPortraitError, match="deep_cache_interval"):
         AnimationOptions(deep_cache_interval=0)
+
+
+class _ListWriter:
+    """VideoWriter's interface, keeping nothing."""
+
+    def __init__(self, *_):
+        self.frames_written = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def set_audio(self, _):
+        pass
+
+    def write(self, frame):
+        self.frames_written += 1
+
+
+def test_deep_cache_interval_comes_from_the_preset_unless_set():
+    """Deep-feature reuse by default for models trained here (project: every 2nd step), never for the official
+    preset (its frames are the official pipeline's) nor for a distilled student; an explicit value or the bundle's
+    setting wins."""
+    assert Sampling.resolve(AnimationOptions(), {}).deep_cache_interval == 2
+    assert Sampling.resolve(AnimationOptions(), {"sampling": "official"}).deep_cache_interval == 1
+    assert Sampling.resolve(AnimationOptions(deep_cache_interval=1), {}).deep_cache_interval == 1
+    assert Sampling.resolve(AnimationOptions(deep_cache_interval=3), {"sampling": "official"}).deep_cache_interval == 3
+    assert Sampling.resolve(AnimationOptions(), {"deep_cache_interval": 1}).deep_cache_interval == 1
+
+
+def test_generate_video_samples_with_the_resolved_deep_cache_interval(monkeypatch, tmp_path):
+    """What generate_video hands the pipeline: the project preset's interval 2 unless told otherwise."""
+    seen = []
+
+    class Recorder:
+        preset, video_settings = SimpleNamespace(name="project"), {}
+
+        def __call__(self, *args, deep_cache_interval, **kwargs):
+            seen.append(deep_cache_interval)
+            return np.zeros((len(args[1]), 8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(generate_module, "VideoWriter", _ListWriter)
+    portrait = Portrait(np.zeros((8, 8, 3), np.uint8), np.full((478, 3), 0.5, np.float32), np.zeros((468, 3), np.float32),
+                        np.eye(4, dtype=np.float32), np.zeros(52, np.float32))
+    poses = LandmarkPoseFrames(np.full((6, 468, 2), 0.5, np.float32), (8, 8))
+    for options, expected in ((AnimationOptions(width=8, height=8, chunk_frames=6, chunk_overlap=2, progress=False), 2),
+                              (AnimationOptions(width=8, height=8, chunk_frames=6, chunk_overlap=2, deep_cache_interval=1,
+                                                progress=False), 1)):
+        generate_video(Recorder(), portrait, poses, tmp_path / "out.mp4", 30.0, None, options)
+        assert seen[-1] == expected
 
 
 # -- benchmarks/realtime.py --tiny ----------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames
                  "context_frames": sampling.context_frames, "context_overlap": sampling.context_overlap,
                  "generator": generator, "progress": options.progress, "width": sampling.width,
                  "height": sampling.height, "window_batch": int(options.window_batch),
-                 "deep_cache_interval": int(options.deep_cache_interval),
+                 "deep_cache_interval": sampling.deep_cache_interval,
                  **({} if options.decode_batch is None else {"decode_batch_size": int(options.decode_batch)})}
 
     def whole_video() -> Iterator[np.ndarray]:

@@ -115,7 +115,8 @@ class AnimationOptions:
     context_overlap: int | None = None  # ... and how many neighbouring windows share
     window_batch: int = 1  # context windows denoised together in one UNet call (same frames up to float rounding)
     decode_batch: int | None = None  # frames per VAE decoder call (same frames); None: DECODE_BATCH_SIZE (2)
-    deep_cache_interval: int = 1  # N > 1: the whole UNet every N-th step, its top level between (DeepCache; other frames)
+    deep_cache_interval: int | None = None  # N > 1: the whole UNet every N-th step, its top level between (DeepCache;
+    # other frames); 1: every step; None: the bundle's, else the sampling preset's (project 2, official 1)
     scheduler: Any = None  # None: the bundle's; a diffusers scheduler class name or {_target_: ..., **overrides}
     sampling: str | None = None  # sampling preset: official | project; None: the bundle's (official when imported)
     keyframe_interval: int = 1  # accelerated mode: generate every k-th frame, interpolate the rest
@@ -155,8 +156,8 @@ class AnimationOptions:
         optional("context_overlap", values.integer, minimum=0)
         self.window_batch = values.integer("window_batch", self.window_batch, minimum=1)
         optional("decode_batch", values.integer, minimum=1, hint=" frames per VAE call (or null: 2)")
-        self.deep_cache_interval = values.integer("deep_cache_interval", self.deep_cache_interval, minimum=1,
-                                                  hint=" (1: the whole UNet at every step)")
+        optional("deep_cache_interval", values.integer, minimum=1,
+                 hint=" (1: the whole UNet at every step; or null: the sampling preset's)")
         if isinstance(self.context_frames, int) and self.context_overlap is not None \
                 and self.context_overlap >= self.context_frames:
             raise AniPortraitError(f"context_overlap={self.context_overlap}: give fewer frames than "
@@ -227,6 +228,7 @@ class Sampling:
     seed: int
     preset: str  # official | project (aniportrait.pipelines.presets)
     chunk_frames: int | None  # frames per pipeline call; None: the whole video in one
+    deep_cache_interval: int  # the whole UNet every N-th step (1: every step)
 
     @classmethod
     def resolve(cls, options: AnimationOptions, settings: Mapping[str, Any]) -> Sampling:
@@ -243,7 +245,9 @@ class Sampling:
                    int(pick(options.steps, "num_inference_steps", 25)), float(pick(options.guidance, "guidance_scale", 3.5)),
                    _context_frames(pick(options.context_frames, "context_frames", 16)),
                    int(pick(options.context_overlap, "context_overlap", 4)), int(options.seed), preset,
-                   None if chunk_frames is None else int(chunk_frames))
+                   None if chunk_frames is None else int(chunk_frames),
+                   int(pick(options.deep_cache_interval, "deep_cache_interval",
+                            SAMPLING_PRESETS[preset].deep_cache_interval)))
 
 
 def _context_frames(value: Any) -> int | str:

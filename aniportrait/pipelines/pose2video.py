@@ -198,6 +198,8 @@ class Pose2VideoPipeline:
                                        "or sample the teacher (fast=false)")
             student = dict(settings["distilled"])
             settings.update({key: student[key] for key in ("scheduler", "num_inference_steps", "guidance_scale")})
+            # a few-step student runs the whole UNet at each of its steps (deep features of 1-4 steps apart: untested)
+            settings["deep_cache_interval"] = int(student.get("deep_cache_interval", 1))
         backbone = backbone or bundle.base_models.get("video")
         if not backbone:
             raise AniPortraitError(f"bundle {bundle.path} names no base_models.video (VAE and image encoder); pass "

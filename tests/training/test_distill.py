@@ -141,6 +141,7 @@ def test_the_bundle_samples_with_the_student_on_request(teacher, tmp_path):
     pipeline = Pose2VideoPipeline.from_bundle(bundle, distilled=True)
     assert isinstance(pipeline.scheduler, LCMScheduler)
     assert pipeline.video_settings["num_inference_steps"] == 4 and pipeline.video_settings["guidance_scale"] == 1.0
+    assert pipeline.video_settings["deep_cache_interval"] == 1  # the student's few steps: the whole UNet at each
     loaded, original = pipeline.denoising_unet.state_dict(), module.student_unet.state_dict()
     assert loaded.keys() == original.keys() and all(torch.equal(loaded[key], original[key]) for key in original)
     frames = pipeline(np.zeros((64, 64, 3), np.uint8), np.zeros((3, 64, 64, 3), np.uint8), num_inference_steps=2,
