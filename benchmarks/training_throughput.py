@@ -78,6 +78,18 @@ def merge(official: list[Path], ours: list[Path], note: str | None) -> dict[str,
             "stages": output_stages}
 
 
+def keep_earlier(previous: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with the stages it did not measure kept from ``previous`` (each with its own call's note and
+    date), and the entries it replaces kept, newest first, under ``earlier``: one call's ratio is one machine's."""
+    stages = {name: {**entry, "date": entry.get("date", previous.get("date")), "note": entry.get("note", previous.get("note"))}
+              for name, entry in previous.get("stages", {}).items()}
+    earlier = [{"stage": name, **stages[name]} for name in document["stages"] if name in stages]
+    kept = {name: entry for name, entry in stages.items() if name not in document["stages"]}
+    fresh = {name: {**entry, "date": document["date"], "note": document["note"]}
+             for name, entry in document["stages"].items()}
+    return {**document, "stages": {**kept, **fresh}, "earlier": earlier + previous.get("earlier", [])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     document = merge(args.official, args.ours, args.note)
+    document = keep_earlier(json.loads(args.out.read_text()) if args.out.is_file() else {}, document)
     partial = args.out.with_name(args.out.name + ".partial")
     partial.write_text(json.dumps(document, indent=1) + "\n")
     partial.replace(args.out)

@@ -57,3 +57,16 @@ def test_results_from_two_gpu_kinds_or_without_the_official_shape_are_refused(tm
     other_shape = _ours(tmp_path / "c.json", [_row(1, "plain", 0.5, 8, 1)])
     with pytest.raises(SystemExit, match="official shape"):
         training_throughput.merge(official, [other_shape], note=None)
+
+
+def test_a_later_call_keeps_the_stages_it_did_not_measure_and_the_entries_it_replaces():
+    previous = {"date": "d1", "note": "call 1", "stages": {"stage1": {"official_samples_per_s": 13.7},
+                                                            "stage2": {"official_samples_per_s": 2.0}}}
+    fresh = {"date": "d2", "note": "call 2", "stages": {"stage1": {"official_samples_per_s": 8.6}}}
+    document = training_throughput.keep_earlier(previous, fresh)
+    assert document["stages"]["stage1"] == {"official_samples_per_s": 8.6, "date": "d2", "note": "call 2"}
+    assert document["stages"]["stage2"] == {"official_samples_per_s": 2.0, "date": "d1", "note": "call 1"}
+    assert document["earlier"] == [{"stage": "stage1", "official_samples_per_s": 13.7, "date": "d1", "note": "call 1"}]
+    again = training_throughput.keep_earlier(document, {"date": "d3", "note": "call 3", "stages": {
+        "stage1": {"official_samples_per_s": 9.0}}})
+    assert [entry["date"] for entry in again["earlier"]] == ["d2", "d1"]  # newest first
