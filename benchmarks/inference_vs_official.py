@@ -10,11 +10,14 @@ steps and guidance), writing one result per variant. On the GPU machine, in one 
     python benchmarks/inference_vs_official.py --official $OUT/official_infer.json --ours $OUT/inference_ours.json \\
         --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader)"
 
-``variant`` ``default`` is what ``infer.py`` does without flags (the ``plain`` variant: context windows of 16
-overlapping by 4, one window per UNet call); the other rows keep their benchmark names. Settings that change the
+``variant`` ``default`` is what ``infer.py`` does without flags for the official release weights (the ``plain``
+variant: context windows of 16 overlapping by 4, one window per UNet call, the whole UNet at every step: the
+``official`` preset), ``default_project`` what it does for a bundle trained here (the ``project`` preset, which also
+reuses deep features every 2nd step: the ``deepcache2`` variant); the other rows keep their benchmark names. Settings that change the
 frames carry their quality figures where the learning benchmark measured them on trained weights (``--quality``:
 its ``distillation`` block: the 4-step student and undistilled 4-step DDIM / DPM-Solver against the 25-step
-teacher); random weights cannot measure quality. Writes the ``vs_official`` entry of
+teacher; its ``deep_cache`` block: the teacher's sampler with deep features reused); random weights cannot measure
+quality. Writes the ``vs_official`` entry of
 benchmarks/results/inference_speed.json (an earlier call's moves to ``vs_official_earlier``; the other entries are
 inference_speed.py's).
 """
@@ -29,22 +32,23 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "inference_speed.json"
 # our benchmark's variant -> the row name, and which learning-benchmark rows measure its quality
-ROW_NAMES = {"plain": "default"}
-QUALITY_ROWS = {"student4": "student_4", "student4_compiled": "student_4"}
+ROW_NAMES = {"plain": "default", "deepcache2": "default_project"}
+QUALITY_ROWS = {"student4": ("distillation", "student_4"), "student4_compiled": ("distillation", "student_4"),
+                "deepcache2": ("deep_cache", "deepcache_2")}
 SAME_FRAMES = {"plain", "batched"}  # the default's frames (window batching: up to float rounding)
 
 
 def quality_of(variant: str, paths: list[Path]) -> dict[str, Any] | None:
     """The variant's quality on trained weights, per dataset, from the learning benchmark's results."""
-    row = QUALITY_ROWS.get(variant)
-    if row is None:
+    if variant not in QUALITY_ROWS:
         return None
+    section, row = QUALITY_ROWS[variant]
     found: dict[str, Any] = {}
     for path in paths:
         if not path.is_file():
             continue
         for dataset, result in json.loads(path.read_text()).get("datasets", {}).items():
-            block = (result.get("distillation") or {}).get(row)
+            block = (result.get(section) or {}).get(row)
             if block and dataset not in found:
                 found[dataset] = {"source": f"benchmarks/results/{path.name}", **block}
     return found or None
@@ -78,7 +82,8 @@ def main() -> None:
     parser.add_argument("--ours", type=Path, required=True, help="inference_optimizations.py's results")
     parser.add_argument("--gpu", default=None, help="the GPU's name (checked against ours)")
     parser.add_argument("--quality", type=Path, nargs="*", default=[
-        RESULTS.parent / "stage_b_learning_graphs.json", RESULTS.parent / "stage_b_learning.json"])
+        RESULTS.parent / "stage_b_learning_longer_vae.json", RESULTS.parent / "stage_b_learning_graphs.json",
+        RESULTS.parent / "stage_b_learning.json"])
     parser.add_argument("--note", default=None, help="how the two sides were run (the device call)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -29,15 +29,20 @@ def test_rows_against_the_official_call(tmp_path):
     ours = _write(tmp_path / "ours.json", {"device": "NVIDIA H200", "frames": 48, "size": 512, "dtype": "bf16", "results": [
         {"variant": "plain", "scheduler": "DDIMScheduler", "steps": 25, "guidance": 3.5, "seconds_per_frame": 0.36,
          "peak_allocated_gib": 13.2, "context_frames": 16},
-        {"variant": "student4", "scheduler": "LCMScheduler", "steps": 4, "guidance": 1.0, "seconds_per_frame": 0.04}]})
+        {"variant": "student4", "scheduler": "LCMScheduler", "steps": 4, "guidance": 1.0, "seconds_per_frame": 0.04},
+        {"variant": "deepcache2", "scheduler": "DDIMScheduler", "steps": 25, "guidance": 3.5, "seconds_per_frame": 0.3}]})
     learning = _write(tmp_path / "learning.json", {"datasets": {"synthetic": {"distillation": {
-        "student_4": {"psnr": 21.0, "psnr_vs_teacher": 25.0}}}, "real": {}}})
+        "student_4": {"psnr": 21.0, "psnr_vs_teacher": 25.0}}}, "real": {"deep_cache": {
+        "deepcache_2": {"psnr": 20.9, "psnr_vs_teacher": 40.5}}}}})
     (tmp_path / "speed.json").write_text(json.dumps({"frames_48": {"kept": True}}))
     done = _run(tmp_path, official, ours, "--gpu", "NVIDIA H200", "--quality", str(learning))
     assert done.returncode == 0, done.stderr
     document = json.loads((tmp_path / "speed.json").read_text())
     assert document["frames_48"] == {"kept": True}  # inference_speed.py's entries stay
-    default, student = document["vs_official"]["rows"]
+    default, student, project = document["vs_official"]["rows"]
+    assert project["variant"] == "default_project" and project["changes_frames"]  # a bundle trained here
+    assert project["quality"] == {"real": {"source": "benchmarks/results/learning.json", "psnr": 20.9,
+                                           "psnr_vs_teacher": 40.5}}
     assert default["variant"] == "default" and default["speedup_vs_official"] == pytest.approx(0.48 / 0.36, abs=0.01)
     assert not default["changes_frames"] and "quality" not in default
     assert student["speedup_vs_official"] == 12.0 and student["changes_frames"]
