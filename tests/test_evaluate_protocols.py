@@ -86,3 +86,19 @@ def test_generation_can_change_the_bundles_sampling_scheduler():
     assert not changed.alphas_cumprod.equal(bundle_scheduler.alphas_cumprod)
     with pytest.raises(AniPortraitError, match="protocol.generation.scheduler.*beta_shedule"):
         build_sampling_scheduler({"_target_": "DDIMScheduler", "beta_shedule": "linear"}, bundle_scheduler, key)
+
+
+def test_generation_context_frames_auto_runs_and_a_bad_value_is_named(tiny_dataset, tmp_path):
+    """protocol.generation.context_frames: auto (the fewest windows; the learning benchmark's auto_windows row)
+    generates the clips; a value that is neither a count nor auto is one error naming the key."""
+    bundle = _stage_b_bundle(tmp_path / "stage_b")
+    common = [f"bundle={bundle}", f"data={tiny_dataset}", "protocol=self_reenactment", "protocol.frames_per_clip=10",
+              "protocol.generation.steps=1", "metrics.enabled=[psnr]", "num_workers=0"]
+    env = {"ANIPORTRAIT_LOGS": str(tmp_path / "logs")}
+    auto = run_cli("evaluate.py", *common, "protocol.generation.context_frames=auto", f"output_dir={tmp_path / 'a'}",
+                   env=env)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert len(list((tmp_path / "a").rglob("*.mp4"))) == 3
+    bad = run_cli("evaluate.py", *common, "protocol.generation.context_frames=many", f"output_dir={tmp_path / 'b'}",
+                  env=env)
+    assert bad.returncode == 2 and "protocol.generation.context_frames='many'" in bad.stderr

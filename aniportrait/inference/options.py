@@ -243,20 +243,21 @@ class Sampling:
             None if preset == "official" else PROJECT_CHUNK_FRAMES)
         return cls(int(pick(options.width, "width", 512)), int(pick(options.height, "height", 512)),
                    int(pick(options.steps, "num_inference_steps", 25)), float(pick(options.guidance, "guidance_scale", 3.5)),
-                   _context_frames(pick(options.context_frames, "context_frames", 16)),
+                   parse_context_frames(pick(options.context_frames, "context_frames", 16)),
                    int(pick(options.context_overlap, "context_overlap", 4)), int(options.seed), preset,
                    None if chunk_frames is None else int(chunk_frames),
                    int(pick(options.deep_cache_interval, "deep_cache_interval",
                             SAMPLING_PRESETS[preset].deep_cache_interval)))
 
 
-def _context_frames(value: Any) -> int | str:
+def parse_context_frames(value: Any, key: str = "context_frames") -> int | str:
+    """A context window setting: a frame count, or auto (the fewest windows); ``key`` names it in the error."""
     if value == "auto":
         return "auto"
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise AniPortraitError(f"context_frames={value!r}: give a frame count (16 official) or auto") from None
+        raise AniPortraitError(f"{key}={value!r}: give a frame count (16 official) or auto") from None
 
 
 def video_size(options: AnimationOptions, settings: Mapping[str, Any]) -> tuple[int, int]:
