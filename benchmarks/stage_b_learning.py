@@ -63,9 +63,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aniportrait.data.clip import Manifest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -88,8 +91,10 @@ FAST_VARIANTS: dict[str, dict[str, Any]] = {
     "dpm_4": {"steps": 4, "scheduler": {"_target_": "DPMSolverMultistepScheduler"}},
     # issue 16: the teacher's own sampler and steps with deep features reused (DeepCache), no student needed
     "deepcache_2": {"deep_cache_interval": 2}, "deepcache_3": {"deep_cache_interval": 3},
+    # context_frames=auto: the fewest windows of at most 32 frames (1.3x at SD-1.5 shapes), other frames
+    "auto_windows": {"context_frames": "auto"},
 }
-SAMPLING_KEYS = ("steps", "distilled", "deep_cache_interval")
+SAMPLING_KEYS = ("steps", "distilled", "deep_cache_interval", "context_frames")
 PACK_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB: larger packs are split into parts
 
 
@@ -251,19 +256,37 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
 
 def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, ablate: list[str],
                         scheduler: dict[str, str], out_dir: Path, steps: int | None = None,
-                        distilled: bool = False, deep_cache_interval: int = 1) -> list[str]:
+                        distilled: bool = False, deep_cache_interval: int = 1,
+                        context_frames: int | str | None = None) -> list[str]:
     """evaluate.py's overrides for one variant: the test clips of ``root`` generated with ``bundle``, the paths in
     ``ablate`` cut, the sampling scheduler's ``scheduler`` settings changed, ``steps`` steps (default ``--steps``),
     with the bundle's distilled student where ``distilled`` (its sampler, no guidance), deep features reused
-    across ``deep_cache_interval`` steps."""
+    across ``deep_cache_interval`` steps, in windows of ``context_frames`` (None: the bundle's)."""
     return [f"bundle={bundle}", "data=clips", f"data.root={root}", "protocol=self_reenactment",
             f"protocol.generation.ablate=[{','.join(ablate)}]",
             *(f"+protocol.generation.scheduler.{key}={value}" for key, value in scheduler.items()),
             f"protocol.generation.steps={steps or args.steps}", f"protocol.clips={args.test_clips or 'null'}",
             f"protocol.generation.distilled={str(distilled).lower()}",
             f"protocol.generation.deep_cache_interval={deep_cache_interval}",
+            f"protocol.generation.context_frames={context_frames if context_frames is not None else 'null'}",
             "metrics.enabled=[ssim,psnr]", "metrics.download=false", f"output_dir={out_dir}", "num_workers=2",
             "overwrite=true"]
+
+
+def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The train phase's settings, as the record reports them (kept in train_record.json: --phase evaluate may run in
+    a later call with none of the train phase's arguments)."""
+    return {
+        "identities": args.identities if args.dataset == "synthetic" else None,
+        "clips_per_identity": args.clips_per_identity if args.dataset == "synthetic" else None,
+        "color_jitter": args.color_jitter, "stage2_sample_rate": args.stage2_sample_rate, "vae_patch": args.vae_patch,
+        "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
+        "distill_learning_rate": args.distill_lr if args.distill_seconds else None,
+        "size": 64 if args.tiny else args.size,
+        "batch": {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch,
+                  **({"video_distill": args.stage2_batch} if args.distill_seconds else {})},
+        "learning_rate": args.lr,
+    }
 
 
 def _csv_metrics(run_dir: Path) -> dict[str, list[dict[str, float]]]:
@@ -301,8 +324,8 @@ def train_and_generate(args: argparse.Namespace) -> None:
         final = dict(re.findall(r"\| (\S+/\S+)\s*\| ([-\d.e]+) \|", stdout))  # train.py's closing table
         train_seconds = time.perf_counter() - started - data_seconds
         trained.write_text(json.dumps({"bundle": str(bundle), "root": str(root), "final": final, "seconds": {
-            "data": round(data_seconds, 1), "train": round(train_seconds, 1)}, "budget_seconds": _budgets(args)},
-            indent=1))
+            "data": round(data_seconds, 1), "train": round(train_seconds, 1)}, "budget_seconds": _budgets(args),
+            "settings": _train_settings(args)}, indent=1))
     if args.phase == "train":
         return
     if not trained.is_file():
@@ -336,19 +359,13 @@ def train_and_generate(args: argparse.Namespace) -> None:
     run_dir = bundle.parent
     record = {
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny,
-        "identities": args.identities if args.dataset == "synthetic" else None, "test_clips_limit": args.test_clips,
-        "clips_per_identity": args.clips_per_identity if args.dataset == "synthetic" else None,
-        "color_jitter": args.color_jitter, "stage2_sample_rate": args.stage2_sample_rate, "vae_patch": args.vae_patch,
-        "channels_last": args.channels_last,
-        "cuda_graphs": args.cuda_graphs, "distill_learning_rate": args.distill_lr if args.distill_seconds else None,
-        "size": 64 if args.tiny else args.size,
+        "test_clips_limit": args.test_clips, "train_identities": len(Manifest.load(root).identities("train")),
+        **record_in.get("settings", _train_settings(args)),  # what the train phase ran with (maybe another call)
         "seconds": {**record_in["seconds"], "evaluate": round(time.perf_counter() - started, 1),
                     "total": round(sum(record_in["seconds"].values()) + time.perf_counter() - started, 1)},
         "budget_seconds": record_in.get("budget_seconds") or {  # what the train phase ran with
             "vae": args.vae_seconds, "video_stage1": args.stage1_seconds, "video_stage2": args.stage2_seconds},
-        "batch": {"vae": args.vae_batch, "video_stage1": args.stage1_batch, "video_stage2": args.stage2_batch,
-                  **({"video_distill": args.stage2_batch} if args.distill_seconds else {})},
-        "learning_rate": args.lr, "sampling_steps": args.steps,
+        "sampling_steps": args.steps,
         "final_metrics": {k: float(v) for k, v in record_in["final"].items()},
         "curves": _csv_metrics(run_dir), "gpu_metrics": evaluations, "gpu": _gpu_name(),
     }
@@ -500,10 +517,12 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         schedules["bundle"] = {key: record["gpu_metrics"]["full"]["generated"].get(key) for key in ("psnr", "ssim")}
     few_steps = _distillation_scores(work, fast_variants, common, scored, full)
     # the teacher's sampler with deep features reused (issue 16) apart from the few-step rows (issue 17)
-    deep_cache = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith("deepcache_")}
+    deep_cache = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith(("deepcache_", "auto_"))}
     distillation = few_steps if set(few_steps) - {"teacher"} else {}
     if deep_cache:
         deep_cache["teacher"] = few_steps.get("teacher")
+    swaps = _identity_swap_rates(work, root, [variant for variant in (*VARIANTS, *fast_variants)
+                                              if coverage[variant]], common)
     curves = record["curves"]
     training = {stage: {"steps": steps, "budget_minutes": round(record["budget_seconds"][stage] / 60, 2)}
                 for stage, steps in _stage_steps(curves).items()}
@@ -513,11 +532,16 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         **({"sampling_schedules": schedules} if schedules else {}),
         **({"distillation": distillation} if distillation else {}),
         **({"deep_cache": deep_cache} if deep_cache else {}),
+        "identity_swaps": {"rate": {variant: row["rate"] for variant, row in swaps.items()},
+                           "full_per_clip": swaps.get("full", {}).get("clips"),
+                           "how": "frames closer (at 32 px) to the reference frame of another identity's test clip "
+                                  "than to their own ground-truth frame"},
         "training": {"stages": training, "train_minutes": round(record["seconds"]["train"] / 60, 2),
                      "wall_minutes_gpu_phase": round(record["seconds"]["total"] / 60, 2), "gpu": record["gpu"],
                      "batch": record["batch"], "learning_rate": record["learning_rate"], "size": record["size"],
                      "sampling_steps": record["sampling_steps"], "color_jitter": record.get("color_jitter"),
                      "stage2_sample_rate": record.get("stage2_sample_rate"),
+                     "train_identities": record.get("train_identities"),
                      "identities": record.get("identities"), "clips_per_identity": record.get("clips_per_identity"),
                      "vae_patch": record.get("vae_patch"), "channels_last": record.get("channels_last")},
         "complete": bool(common) and sorted(common) == sorted(test_clips) and all(coverage.values()),
@@ -543,6 +567,65 @@ def _psnr_between(generated: Path, reference: Path, clips: list[str], score_from
         count = min(len(a), len(b))
         values.append(psnr_per_frame(torch.from_numpy(a[score_from:count]), torch.from_numpy(b[score_from:count])))
     return float(torch.cat(values).mean()) if values else None
+
+
+def identity_swaps(generated: dict[str, np.ndarray], truth: dict[str, np.ndarray], identities: dict[str, str],
+                   score_from: int = 1, size: int = 32) -> dict[str, Any]:
+    """Frames that show another person: a generated frame (at ``size`` px, where pose and detail matter little) closer
+    to the reference frame of a test clip of another identity than to its own ground-truth frame. A UNet that reads
+    the identity from the pose geometry instead of the reference bank draws a training identity there.
+    ``generated`` / ``truth``: clip -> (T, H, W, 3) uint8; ``identities``: clip -> its identity."""
+    import cv2
+    import numpy as np
+
+    def small(frames):
+        return np.stack([cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA) for frame in frames]
+                        ).astype(np.float32)
+
+    truth_small = {clip: small(frames) for clip, frames in truth.items()}
+    per_clip = {}
+    for clip, frames in generated.items():
+        others = [other for other in truth_small if identities.get(other) != identities.get(clip)]
+        count = min(len(frames), len(truth_small[clip]))
+        if not others or count <= score_from:
+            continue
+        ours = small(frames[score_from:count])
+        own = ((ours - truth_small[clip][score_from:count]) ** 2).mean(axis=(1, 2, 3))
+        nearest = np.min([((ours - truth_small[other][0]) ** 2).mean(axis=(1, 2, 3)) for other in others], axis=0)
+        per_clip[clip] = {"frames": int(count - score_from), "swapped": int((nearest < own).sum())}
+    frames = sum(row["frames"] for row in per_clip.values())
+    return {"rate": sum(row["swapped"] for row in per_clip.values()) / frames if frames else None, "clips": per_clip}
+
+
+def _identity_swap_rates(work: Path, root: Path, variants: list[str], clips: list[str]) -> dict[str, Any]:
+    """identity_swaps of every scored variant's videos (work/common/<variant>) on the test clips of ``root``."""
+    from aniportrait.data.video import read_video
+
+    records = {record.id: record for record in Manifest.load(root).records}
+    clips = [clip for clip in clips if clip in records]
+    truth = {clip: read_video(records[clip].path(root, "video")) for clip in clips}
+    identities = {clip: records[clip].identity for clip in clips}
+    rates = {}
+    for variant in variants:
+        folder = work / "common" / variant
+        generated = {clip: read_video(folder / f"{clip}.mp4") for clip in clips if (folder / f"{clip}.mp4").is_file()}
+        if generated:
+            rates[variant] = identity_swaps(generated, truth, identities)
+            for clip, row in rates[variant]["clips"].items():  # where the mean PSNR comes from, clip by clip
+                row["psnr"] = _mean_psnr(generated[clip], truth[clip])
+                row["copy_psnr"] = _mean_psnr(truth[clip][:1].repeat(len(truth[clip]), axis=0), truth[clip])
+    return rates
+
+
+def _mean_psnr(generated: np.ndarray, truth: np.ndarray, score_from: int = 1) -> float:
+    """Mean per-frame PSNR (dB, aniportrait.metrics.pixel as evaluate.py scores) from frame ``score_from`` on."""
+    import torch
+
+    from aniportrait.metrics.pixel import psnr_per_frame
+
+    count = min(len(generated), len(truth))
+    return float(psnr_per_frame(torch.from_numpy(generated[score_from:count]),
+                                torch.from_numpy(truth[score_from:count])).mean())
 
 
 def _distillation_scores(work: Path, variants: list[str], clips: list[str], scored: dict[str, Any],
@@ -688,10 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare-real", help="the held-out real dataset (CPU, MediaPipe)")
     prepare.add_argument("--out", type=Path, default=REPO / ".device_carry" / "real256")
     prepare.add_argument("--size", type=int, default=256)
-    prepare.add_argument("--extra-train", type=Path, default=None,
+    prepare.add_argument("--extra-train", default=str(SHARED / "samples" / "bad"),
                          help="a folder of other people's talking-head videos, prepared whole into the train split "
-                              "(the test split stays the four held-out ranges), e.g. ../shared/samples/bad: three "
-                              "more identities pass the preparation, 523 more training frames")
+                              "(the test split stays the four held-out ranges); default ../shared/samples/bad: three "
+                              "more identities pass the preparation, 523 more training frames. With 4 training "
+                              "identities the UNet drew another training person on 8 %% of the held-out frames, "
+                              "reference bank or not (identity_swaps); 'none': the 4 only")
     train = commands.add_parser("train", help="train and generate one dataset (GPU)")
     train.add_argument("--dataset", choices=["synthetic", "real"], required=True)
     train.add_argument("--data", type=Path, help="the held-out real dataset (prepare-real)")
@@ -763,7 +848,11 @@ def main() -> None:
     if args.command == "compare":
         compare(args)
     elif args.command == "prepare-real":
-        prepare_real(args.out, args.size, args.extra_train)
+        extra = None if args.extra_train.lower() in ("", "none") else Path(args.extra_train)
+        if extra is not None and not extra.is_dir():
+            sys.exit(f"--extra-train {extra}: no such folder (give another, or --extra-train none for the 4 "
+                     "held-out identities only)")
+        prepare_real(args.out, args.size, extra)
     elif args.command == "train":
         if args.dataset == "real" and not args.data:
             parser.error("--dataset real needs --data (python benchmarks/stage_b_learning.py prepare-real)")

@@ -34,3 +34,25 @@ def test_a_large_pack_is_split_into_parts_and_joined_again(tmp_path, monkeypatch
     benchmark._extract_pack(parts[0], tmp_path / "scored")
     for path, name in members:
         assert (tmp_path / "scored" / name).read_bytes() == path.read_bytes()
+
+
+def test_identity_swaps_count_the_frames_that_show_another_identity():
+    """A generated clip that shows another test identity's person on some frames is caught on exactly those frames;
+    a clip that follows its own ground truth (with noise) has none."""
+    import numpy as np
+
+    benchmark = _benchmark()
+    rng = np.random.default_rng(0)
+    people = {name: rng.integers(0, 256, (1, 64, 64, 3)).repeat(10, axis=0).astype(np.uint8)
+              for name in ("a", "b", "c")}
+    truth = {name: frames.copy() for name, frames in people.items()}
+    noisy = {name: np.clip(frames + rng.normal(0, 8, frames.shape), 0, 255).astype(np.uint8)
+             for name, frames in people.items()}
+    swapped = noisy["a"].copy()
+    swapped[[3, 4, 7]] = people["c"][0]  # three frames of the person of clip c
+    result = benchmark.identity_swaps({"a": swapped, "b": noisy["b"]}, truth, {"a": "A", "b": "B", "c": "C"})
+    assert result["clips"] == {"a": {"frames": 9, "swapped": 3}, "b": {"frames": 9, "swapped": 0}}
+    assert abs(result["rate"] - 3 / 18) < 1e-9
+    # clips of the same identity are no "other person": with no other identity there is nothing to count
+    same = benchmark.identity_swaps({"a": swapped}, truth, {"a": "A", "b": "A", "c": "A"})
+    assert same == {"rate": None, "clips": {}}
