@@ -16,8 +16,8 @@ variant: context windows of 16 overlapping by 4, one window per UNet call, the w
 reuses deep features every 2nd step: the ``deepcache2`` variant); the other rows keep their benchmark names. Settings that change the
 frames carry their quality figures where the learning benchmark measured them on trained weights (``--quality``:
 its ``distillation`` block: the 4-step student and undistilled 4-step DDIM / DPM-Solver against the 25-step
-teacher; its ``deep_cache`` block: the teacher's sampler with deep features reused); random weights cannot measure
-quality. Writes the ``vs_official`` entry of
+teacher; its ``deep_cache`` block: the teacher's sampler with deep features reused; ``context_windows``: with
+``context_frames=auto``); random weights cannot measure quality. Writes the ``vs_official`` entry of
 benchmarks/results/inference_speed.json (an earlier call's moves to ``vs_official_earlier``; the other entries are
 inference_speed.py's).
 """
@@ -34,7 +34,7 @@ RESULTS = Path(__file__).parent / "results" / "inference_speed.json"
 # our benchmark's variant -> the row name, and which learning-benchmark rows measure its quality
 ROW_NAMES = {"plain": "default", "deepcache2": "default_project"}
 QUALITY_ROWS = {"student4": ("distillation", "student_4"), "student4_compiled": ("distillation", "student_4"),
-                "deepcache2": ("deep_cache", "deepcache_2")}
+                "deepcache2": ("deep_cache", "deepcache_2"), "auto": ("context_windows", "auto_windows")}
 SAME_FRAMES = {"plain", "batched"}  # the default's frames (window batching: up to float rounding)
 
 

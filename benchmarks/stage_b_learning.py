@@ -26,6 +26,7 @@ and, student or not, the teacher's own sampler with deep features reused (issue 
 frames like the rows above):
 
     deepcache_2 / _3     the whole UNet every 2nd / 3rd of the 25 steps, its top level between (DeepCache)
+    auto_windows         context_frames=auto: the fewest windows of at most 32 frames (context_windows block)
 
 The GPU has no MediaPipe, so the work is split in two phases:
 
@@ -517,10 +518,12 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         schedules["bundle"] = {key: record["gpu_metrics"]["full"]["generated"].get(key) for key in ("psnr", "ssim")}
     few_steps = _distillation_scores(work, fast_variants, common, scored, full)
     # the teacher's sampler with deep features reused (issue 16) apart from the few-step rows (issue 17)
-    deep_cache = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith(("deepcache_", "auto_"))}
+    deep_cache = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith("deepcache_")}
+    windows = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith("auto_")}  # issue 16's auto
     distillation = few_steps if set(few_steps) - {"teacher"} else {}
-    if deep_cache:
-        deep_cache["teacher"] = few_steps.get("teacher")
+    for block in (deep_cache, windows):
+        if block:
+            block["teacher"] = few_steps.get("teacher")
     swaps = _identity_swap_rates(work, root, [variant for variant in (*VARIANTS, *fast_variants)
                                               if coverage[variant]], common)
     curves = record["curves"]
@@ -532,6 +535,7 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         **({"sampling_schedules": schedules} if schedules else {}),
         **({"distillation": distillation} if distillation else {}),
         **({"deep_cache": deep_cache} if deep_cache else {}),
+        **({"context_windows": windows} if windows else {}),
         "identity_swaps": {"rate": {variant: row["rate"] for variant, row in swaps.items()},
                            "full_per_clip": swaps.get("full", {}).get("clips"),
                            "how": "frames closer (at 32 px) to the reference frame of another identity's test clip "
