@@ -3,7 +3,8 @@
 Stage 1: batch 4 single frames at 512x512 (ReferenceNet + denoising UNet 2-D + PoseGuider train).
 Stage 2: batch 1 x 16 frames at 512x512 (motion modules train). Each in bf16 mixed precision, without and with
 gradient checkpointing, through the real LightningModules and a Lightning Trainer (gradient clipping 1.0 as the
-recipe; the optimizer is what ``model.eight_bit_adam`` decides, recorded in the results). The step time is the
+recipe; the optimizer of the ``default`` variants is what ``model.eight_bit_adam`` and the module decide, the
+others name torch's AdamW, fused or not; recorded in the results). The step time is the
 median over the repeats after warm-up, measured with CUDA events from batch start to batch end (forward, backward,
 optimizer); the peak memory is ``torch.cuda.max_memory_allocated`` over the run. Inputs are fixed random tensors
 (loader speed is benchmarks/loader_speed.py). An out-of-memory run is recorded as such. Writes
@@ -187,7 +188,9 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
         optimizer = trainer.optimizers[0]
         result.update(status="ok", step_seconds_median=round(median, 4), step_seconds_min=round(min(seconds), 4),
                       samples_per_s=round(batch_size / median, 2), frames_per_s=round(batch_size * frames / median, 2),
-                      optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}", repeats=len(seconds),
+                      optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+                      optimizer_fused=bool(optimizer.defaults.get("fused")), repeats=len(seconds),
+                      performance_resolved=dict(module.performance),  # auto settings as the module chose them
                       compile_and_warmup_seconds=round(sum(timer.seconds()[:args.warmup]), 1),
                       cuda_graph_replays=getattr(module._graphed_prediction, "replays", 0))  # auto: were they used?
         if analysis.flops:
@@ -212,7 +215,10 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {"performance": {"cuda_graphs": "auto"}},  # what trainer=gpu gives: graphs wherever they apply
+    # what trainer=gpu gives: graphs wherever they apply, channels-last at SD-1.5 widths, cuDNN autotuning (and,
+    # from the module, fused AdamW on CUDA)
+    "default": {"performance": {"cuda_graphs": "auto", "channels_last": "auto"}, "cudnn_benchmark": True,
+                "fused": "auto"},
     "plain": {},
     "channels_last": {"performance": {"channels_last": True}},
     "fused_adamw": {"fused": True},
@@ -233,9 +239,10 @@ def build(stage: int, backbone: dict, variant: str, stage1: VideoStage1Module | 
     spec = VARIANTS[variant]
     torch.backends.cudnn.benchmark = bool(spec.get("cudnn_benchmark"))  # autotuned convolution algorithms
     optimizer = {"_target_": "torch.optim.AdamW", "lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 1e-2, "eps": 1e-8}
-    if spec.get("fused"):
-        optimizer["fused"] = True
-    settings = {"eight_bit_adam": False if spec.get("fused") else eight_bit, "scheduler": None, "optimizer": optimizer,
+    automatic = spec.get("fused") == "auto"  # trainer=gpu's choice: 8-bit AdamW where bitsandbytes runs, else fused
+    if not automatic:  # the other variants name torch's AdamW implementation
+        optimizer["fused"] = bool(spec.get("fused"))
+    settings = {"eight_bit_adam": eight_bit if automatic else False, "scheduler": None, "optimizer": optimizer,
                 # the variants without graphs time the eager step (the default, cuda_graphs=auto, would capture)
                 "performance": {"cuda_graphs": False, **spec.get("performance", {})}}
     if stage == 1:

@@ -125,3 +125,12 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
         assert generation.deep_cache_interval == spec.get("deep_cache_interval", 1)
         assert generation.context_frames == spec.get("context_frames")
         assert dict(generation.scheduler) == spec.get("scheduler", {})
+
+
+def test_trainer_gpu_gives_the_measured_same_function_speed_settings(tmp_path):
+    """trainer=gpu: cuDNN autotuning, and stage 1 channels-last where it measured faster (auto: CUDA at SD-1.5
+    widths); fused AdamW comes from the module on CUDA (tests/training/test_video_performance.py)."""
+    cfg = _compose("train", ["model=video_stage1", "backbone=sd15", "trainer=gpu"], tmp_path)
+    assert cfg.trainer.benchmark is True and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.model.performance.channels_last == "auto" and cfg.model.performance.cuda_graphs == "auto"
+    assert "fused" not in cfg.model.optimizer  # left to the module: fused on CUDA, unless set here

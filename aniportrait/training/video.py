@@ -109,6 +109,33 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+def resolve_channels_last(setting: bool | str, device_type: str, backbone_kind: str | None) -> bool:
+    """``model.performance.channels_last``: true / false, or auto: NHWC on CUDA at SD-1.5 widths, where it measured
+    faster (an H200: part of graphs_fast, 1.08-1.23x the default step, benchmarks/README.md); not at backbone=small's
+    widths, where it measured 1.14x slower, nor on the CPU. The same function either way."""
+    if setting in (True, False):
+        return setting
+    if setting != "auto":
+        raise AniPortraitError(f"model.performance.channels_last={setting!r}: expected true, false or auto")
+    chosen = device_type == "cuda" and backbone_kind == "sd15"
+    log.info("model.performance.channels_last=auto: %s (device %s, backbone %s)", "on" if chosen else "off",
+             device_type, backbone_kind)
+    return chosen
+
+
+# Strategies whose optimizer is torch's own on the device (DeepSpeed and FSDP may shard or offload its states)
+_FUSED_ADAMW_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+
+
+def auto_fused_adamw(config: Mapping[str, Any], device_type: str, strategy: str | None) -> bool:
+    """Whether torch.optim.AdamW gets ``fused=True``: on CUDA, one device or DDP, unless the config chose
+    ``fused`` or ``foreach`` itself. The fused kernel computes the same update in one launch for all parameters
+    (the step is launch-bound: benchmarks/README.md)."""
+    return (config.get("_target_") == "torch.optim.AdamW" and device_type == "cuda"
+            and "fused" not in config and "foreach" not in config
+            and (strategy is None or strategy in _FUSED_ADAMW_STRATEGIES))
+
+
 def _settings(name: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """``defaults`` updated by ``given``; a key the defaults lack is a typo, named in the error."""
     given = dict(_plain(given) or {})
@@ -287,6 +314,8 @@ class _VideoDiffusionModule(pl.LightningModule):
             return
         self._performance_applied = True
         trained = (self.reference_unet, self.denoising_unet, self.pose_guider)
+        self.performance["channels_last"] = resolve_channels_last(
+            self.performance["channels_last"], self._device_type(), dict(self.hparams.backbone or {}).get("kind"))
         if self.performance["channels_last"]:
             for module in (*trained, self.frozen.vae):
                 module.to(memory_format=torch.channels_last)
@@ -297,6 +326,10 @@ class _VideoDiffusionModule(pl.LightningModule):
                 module.compile(**options)
         if self.performance["cuda_graphs"] is not False:
             self._capture_cuda_graphs_later()
+
+    def _device_type(self) -> str:
+        """Where the module trains: the trainer's root device (set up before the module is moved), else its own."""
+        return self._trainer.strategy.root_device.type if self._trainer is not None else self.device.type
 
     def _capture_cuda_graphs_later(self) -> None:
         """``model.performance.cuda_graphs``: the conditional prediction is captured at the first training step
@@ -577,6 +610,11 @@ class _VideoDiffusionModule(pl.LightningModule):
         config = dict(self.hparams.optimizer or OFFICIAL_OPTIMIZER)
         if self._use_eight_bit_adam(config.get("_target_", "")):
             config["_target_"] = "bitsandbytes.optim.AdamW8bit"
+        elif auto_fused_adamw(config, self._device_type(),
+                              type(self._trainer.strategy).__name__ if self._trainer is not None else None):
+            config["fused"] = True
+            log.info("torch.optim.AdamW with fused=True (one kernel for all parameters, the same update; set "
+                     "model.optimizer.fused=false or foreach=true for the multi-tensor one)")
         optimizer = hydra.utils.instantiate(config, params=[param for _, param in self._trainable_named_parameters()])
         return with_scheduler(self, optimizer, self.hparams.scheduler)
 

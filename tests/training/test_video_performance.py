@@ -147,3 +147,41 @@ def test_the_capture_ignores_other_threads_cuda_calls(monkeypatch):
                                            module.reference_control, autocast_dtype=None)
     prediction._capture((torch.zeros(1),))
     assert seen["capture_error_mode"] == "thread_local" and seen["allow_unused_input"] is True
+
+
+def test_channels_last_auto_is_on_for_sd15_on_cuda_only():
+    """model.performance.channels_last=auto (stage 1's default): NHWC where it measured faster (SD-1.5 widths on
+    CUDA), not at backbone=small's widths (slower there) nor on the CPU; explicit values pass; typos are refused."""
+    from aniportrait.errors import AniPortraitError
+    from aniportrait.training.video import resolve_channels_last
+
+    assert resolve_channels_last("auto", "cuda", "sd15") is True
+    assert resolve_channels_last("auto", "cuda", "small") is False
+    assert resolve_channels_last("auto", "cpu", "sd15") is False
+    assert resolve_channels_last(True, "cpu", "tiny") is True and resolve_channels_last(False, "cuda", "sd15") is False
+    with pytest.raises(AniPortraitError, match="channels_last='yes'"):
+        resolve_channels_last("yes", "cuda", "sd15")
+
+
+def test_adamw_is_fused_on_cuda_unless_the_config_chooses():
+    from aniportrait.training.video import auto_fused_adamw
+
+    adamw = {"_target_": "torch.optim.AdamW", "lr": 1e-5}
+    assert auto_fused_adamw(adamw, "cuda", "SingleDeviceStrategy") and auto_fused_adamw(adamw, "cuda", "DDPStrategy")
+    assert auto_fused_adamw(adamw, "cuda", None)  # a module stepped by hand
+    assert not auto_fused_adamw(adamw, "cpu", "SingleDeviceStrategy")
+    assert not auto_fused_adamw(adamw, "cuda", "DeepSpeedStrategy") and not auto_fused_adamw(adamw, "cuda", "FSDPStrategy")
+    assert not auto_fused_adamw({**adamw, "fused": False}, "cuda", None)
+    assert not auto_fused_adamw({**adamw, "foreach": True}, "cuda", None)
+    assert not auto_fused_adamw({"_target_": "torch.optim.SGD", "lr": 1.0}, "cuda", None)
+
+
+def test_the_plain_module_keeps_nchw_and_the_multi_tensor_adamw_on_the_cpu():
+    """On the CPU the auto settings resolve to the plain path (what every CPU test measures)."""
+    module = VideoStage1Module({"kind": "tiny", "seed": 0}, performance={"channels_last": "auto"})
+    module._apply_performance_settings()
+    assert module.performance["channels_last"] is False
+    assert module.denoising_unet.conv_in.weight.is_contiguous()
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert not optimizer.defaults.get("fused")
