@@ -127,13 +127,16 @@ def resolve_channels_last(setting: bool | str, device_type: str, backbone_kind: 
 _FUSED_ADAMW_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 
 
-def auto_fused_adamw(config: Mapping[str, Any], device_type: str, strategy: str | None) -> bool:
-    """Whether torch.optim.AdamW gets ``fused=True``: on CUDA, one device or DDP, unless the config chose
-    ``fused`` or ``foreach`` itself. The fused kernel computes the same update in one launch for all parameters
-    (the step is launch-bound: benchmarks/README.md)."""
+def auto_fused_adamw(config: Mapping[str, Any], device_type: str, strategy: str | None,
+                     precision: str | None = None) -> bool:
+    """Whether torch.optim.AdamW gets ``fused=True``: on CUDA, one device or DDP, not under fp16 mixed precision
+    (there a fused AdamW unscales the gradients itself, and Lightning then cannot clip them first), unless the
+    config chose ``fused`` or ``foreach`` itself. The fused kernel computes the same update in one launch for all
+    parameters (the step is launch-bound: benchmarks/README.md)."""
     return (config.get("_target_") == "torch.optim.AdamW" and device_type == "cuda"
             and "fused" not in config and "foreach" not in config
-            and (strategy is None or strategy in _FUSED_ADAMW_STRATEGIES))
+            and (strategy is None or strategy in _FUSED_ADAMW_STRATEGIES)
+            and not str(precision or "").startswith("16"))
 
 
 def _settings(name: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -611,7 +614,8 @@ class _VideoDiffusionModule(pl.LightningModule):
         if self._use_eight_bit_adam(config.get("_target_", "")):
             config["_target_"] = "bitsandbytes.optim.AdamW8bit"
         elif auto_fused_adamw(config, self._device_type(),
-                              type(self._trainer.strategy).__name__ if self._trainer is not None else None):
+                              type(self._trainer.strategy).__name__ if self._trainer is not None else None,
+                              str(self._trainer.precision) if self._trainer is not None else None):
             config["fused"] = True
             log.info("torch.optim.AdamW with fused=True (one kernel for all parameters, the same update; set "
                      "model.optimizer.fused=false or foreach=true for the multi-tensor one)")

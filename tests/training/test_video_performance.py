@@ -174,6 +174,8 @@ def test_adamw_is_fused_on_cuda_unless_the_config_chooses():
     assert not auto_fused_adamw({**adamw, "fused": False}, "cuda", None)
     assert not auto_fused_adamw({**adamw, "foreach": True}, "cuda", None)
     assert not auto_fused_adamw({"_target_": "torch.optim.SGD", "lr": 1.0}, "cuda", None)
+    assert auto_fused_adamw(adamw, "cuda", None, "bf16-mixed")
+    assert not auto_fused_adamw(adamw, "cuda", None, "16-mixed")  # it would unscale inside; Lightning clips before
 
 
 def test_the_plain_module_keeps_nchw_and_the_multi_tensor_adamw_on_the_cpu():
