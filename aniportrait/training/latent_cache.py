@@ -41,14 +41,16 @@ CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 def fingerprint(module: torch.nn.Module, parts: tuple[str, ...] | None = None) -> str:
     """A short identity of the weights a cache depends on: sha256 over every parameter's shape, sum and absolute
-    sum (float64) of ``module``, or of its submodules ``parts`` only (the VAE: its encoder side)."""
+    sum (float64, to 12 significant digits) of ``module``, or of its submodules ``parts`` only (the VAE: its encoder
+    side). The same weights give the same identity in any memory format (channels-last) and on any device."""
     modules = [module] if parts is None else [getattr(module, name) for name in parts if hasattr(module, name)]
     digest = hashlib.sha256()
     for part in modules:
         for name, parameter in part.named_parameters():
-            values = parameter.detach().double()
+            values = parameter.detach().contiguous().double()  # one summation order whatever the layout
             digest.update(f"{name}{tuple(values.shape)}".encode())
-            digest.update(torch.stack([values.sum(), values.abs().sum()]).cpu().numpy().tobytes())
+            total, magnitude = (float(value) for value in torch.stack([values.sum(), values.abs().sum()]).cpu())
+            digest.update(f"{total:.12g} {magnitude:.12g}".encode())
     return digest.hexdigest()[:20]
 
 

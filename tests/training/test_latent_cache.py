@@ -113,3 +113,20 @@ def test_the_loader_keys_compose(tmp_path):
             loader = VideoFrameDataModule(ClipSource(str(tmp_path)), **{
                 key: value for key, value in cfg.model.loader.items() if key not in ("_target_", "source")})
             assert loader.dataset_options["latent_cache"] is True and loader.latent_cache_dtype == "float16"
+
+
+def test_the_fingerprint_does_not_depend_on_the_memory_format():
+    """A VAE turned channels-last (trainer=gpu's stage-1 default at SD-1.5 widths) keeps its cache: the same
+    weights, the same fingerprint; other weights, another."""
+    import torch
+
+    from aniportrait.training.latent_cache import fingerprint
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Conv2d(8, 4, 1))
+    before = fingerprint(net)
+    net.to(memory_format=torch.channels_last)
+    assert fingerprint(net) == before
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] += 1e-3
+    assert fingerprint(net) != before
