@@ -561,16 +561,20 @@ def _psnr_between(generated: Path, reference: Path, clips: list[str], score_from
     import torch
 
     from aniportrait.data.video import read_video
+
+    values = [_psnr_frames(read_video(generated / f"{clip}.mp4"), read_video(reference / f"{clip}.mp4"), score_from)
+              for clip in clips if (generated / f"{clip}.mp4").is_file() and (reference / f"{clip}.mp4").is_file()]
+    return float(torch.cat(values).mean()) if values else None
+
+
+def _psnr_frames(generated: np.ndarray, truth: np.ndarray, score_from: int = 1):
+    """Per-frame PSNR (dB, aniportrait.metrics.pixel as evaluate.py scores) from frame ``score_from`` on."""
+    import torch
+
     from aniportrait.metrics.pixel import psnr_per_frame
 
-    values = []
-    for clip in clips:
-        if not ((generated / f"{clip}.mp4").is_file() and (reference / f"{clip}.mp4").is_file()):
-            continue
-        a, b = read_video(generated / f"{clip}.mp4"), read_video(reference / f"{clip}.mp4")
-        count = min(len(a), len(b))
-        values.append(psnr_per_frame(torch.from_numpy(a[score_from:count]), torch.from_numpy(b[score_from:count])))
-    return float(torch.cat(values).mean()) if values else None
+    count = min(len(generated), len(truth))
+    return psnr_per_frame(torch.from_numpy(generated[score_from:count]), torch.from_numpy(truth[score_from:count]))
 
 
 def identity_swaps(generated: dict[str, np.ndarray], truth: dict[str, np.ndarray], identities: dict[str, str],
@@ -616,20 +620,10 @@ def _identity_swap_rates(work: Path, root: Path, variants: list[str], clips: lis
         if generated:
             rates[variant] = identity_swaps(generated, truth, identities)
             for clip, row in rates[variant]["clips"].items():  # where the mean PSNR comes from, clip by clip
-                row["psnr"] = _mean_psnr(generated[clip], truth[clip])
-                row["copy_psnr"] = _mean_psnr(truth[clip][:1].repeat(len(truth[clip]), axis=0), truth[clip])
+                row["psnr"] = float(_psnr_frames(generated[clip], truth[clip]).mean())
+                row["copy_psnr"] = float(_psnr_frames(truth[clip][:1].repeat(len(truth[clip]), axis=0),
+                                                      truth[clip]).mean())
     return rates
-
-
-def _mean_psnr(generated: np.ndarray, truth: np.ndarray, score_from: int = 1) -> float:
-    """Mean per-frame PSNR (dB, aniportrait.metrics.pixel as evaluate.py scores) from frame ``score_from`` on."""
-    import torch
-
-    from aniportrait.metrics.pixel import psnr_per_frame
-
-    count = min(len(generated), len(truth))
-    return float(psnr_per_frame(torch.from_numpy(generated[score_from:count]),
-                                torch.from_numpy(truth[score_from:count])).mean())
 
 
 def _distillation_scores(work: Path, variants: list[str], clips: list[str], scored: dict[str, Any],

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,32 @@ def tiny_module_kwargs(**overrides) -> dict:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+class CollectingWriter:
+    """Stands in for aniportrait.data.video.VideoWriter (H.264 is lossy): keeps the frames it is given
+    (``CollectingWriter.written``, reset by each new writer)."""
+
+    written: list[np.ndarray] = []
+
+    def __init__(self, path, fps):
+        CollectingWriter.written = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_audio(self, audio):
+        pass
+
+    def write(self, frame):
+        CollectingWriter.written.append(frame)
+
+    @property
+    def frames_written(self) -> int:
+        return len(CollectingWriter.written)
 
 
 def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):

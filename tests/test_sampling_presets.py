@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, CollectingWriter
 from hydra import compose, initialize_config_dir
 from official_fixtures import case_inputs, denoise, load_models, write_official_bundle
 
@@ -61,31 +61,6 @@ class _Frames:
         return self.images[indices]
 
 
-class _CollectingWriter:
-    """Stands in for the mp4 writer (H.264 is lossy): keeps the frames it is given."""
-
-    written: list[np.ndarray] = []
-
-    def __init__(self, path, fps):
-        _CollectingWriter.written = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def set_audio(self, audio):
-        pass
-
-    def write(self, frame):
-        _CollectingWriter.written.append(frame)
-
-    @property
-    def frames_written(self) -> int:
-        return len(_CollectingWriter.written)
-
-
 def test_the_official_preset_streams_one_sequence_and_chunks_change_frames(official_pipeline, monkeypatch, tmp_path):
     _, arrays = case_inputs("long")
     poses = arrays["pose_images"][:30]
@@ -93,18 +68,18 @@ def test_the_official_preset_streams_one_sequence_and_chunks_change_frames(offic
     lmks = np.concatenate([rng.uniform(0.2, 0.8, (478, 2)), np.zeros((478, 1))], axis=1).astype(np.float32)
     portrait = Portrait(arrays["reference_image"], lmks, np.zeros((468, 3), np.float32), np.eye(4, dtype=np.float32),
                         np.zeros(52, np.float32))
-    monkeypatch.setattr(generate_module, "VideoWriter", _CollectingWriter)
+    monkeypatch.setattr(generate_module, "VideoWriter", CollectingWriter)
     options = AnimationOptions(width=64, height=64, steps=2, guidance=3.5, seed=5, progress=False)
     assert Sampling.resolve(options, official_pipeline.video_settings).chunk_frames is None
     generate_video(official_pipeline, portrait, _Frames(poses), tmp_path / "out.mp4", 30.0, None, options)
-    whole = np.stack(_CollectingWriter.written)
+    whole = np.stack(CollectingWriter.written)
     expected = official_pipeline(portrait.image, poses, draw_pose_images(lmks[None, :468, :2], (64, 64))[0],
                                  num_inference_steps=2, guidance_scale=3.5, generator=torch.Generator().manual_seed(5),
                                  width=64, height=64, progress=False)
     np.testing.assert_array_equal(whole, expected)
     generate_video(official_pipeline, portrait, _Frames(poses), tmp_path / "out.mp4", 30.0, None,
                    dataclasses.replace(options, chunk_frames=16, chunk_overlap=4))
-    chunked = np.stack(_CollectingWriter.written)
+    chunked = np.stack(CollectingWriter.written)
     assert chunked.shape == whole.shape
     assert np.abs(chunked.astype(int) - whole).max() > 10  # other windows, a cross-fade: other frames
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, CollectingWriter
 from hydra import compose, initialize_config_dir
 
 from aniportrait.cli import options_from_config
@@ -229,25 +229,6 @@ def test_window_batch_is_checked_and_comes_from_infer_config():
         AnimationOptions(deep_cache_interval=0)
 
 
-class _ListWriter:
-    """VideoWriter's interface, keeping nothing."""
-
-    def __init__(self, *_):
-        self.frames_written = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        return False
-
-    def set_audio(self, _):
-        pass
-
-    def write(self, frame):
-        self.frames_written += 1
-
-
 def test_deep_cache_interval_comes_from_the_preset_unless_set():
     """Deep-feature reuse by default for models trained here (project: every 2nd step), never for the official
     preset (its frames are the official pipeline's) nor for a distilled student; an explicit value or the bundle's
@@ -270,7 +251,7 @@ def test_generate_video_samples_with_the_resolved_deep_cache_interval(monkeypatc
             seen.append(deep_cache_interval)
             return np.zeros((len(args[1]), 8, 8, 3), np.uint8)
 
-    monkeypatch.setattr(generate_module, "VideoWriter", _ListWriter)
+    monkeypatch.setattr(generate_module, "VideoWriter", CollectingWriter)
     portrait = Portrait(np.zeros((8, 8, 3), np.uint8), np.full((478, 3), 0.5, np.float32), np.zeros((468, 3), np.float32),
                         np.eye(4, dtype=np.float32), np.zeros(52, np.float32))
     poses = LandmarkPoseFrames(np.full((6, 468, 2), 0.5, np.float32), (8, 8))
