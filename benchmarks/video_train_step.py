@@ -215,10 +215,9 @@ def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, cli
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # what trainer=gpu gives: graphs wherever they apply, channels-last at SD-1.5 widths, cuDNN autotuning (and,
-    # from the module, fused AdamW on CUDA)
-    "default": {"performance": {"cuda_graphs": "auto", "channels_last": "auto"}, "cudnn_benchmark": True,
-                "fused": "auto"},
+    # what trainer=gpu gives: the stage config's model.performance (conf/model/video_stage<N>.yaml), cuDNN
+    # autotuning (trainer/gpu.yaml) and, from the module, fused AdamW on CUDA
+    "default": {"performance": "config", "cudnn_benchmark": True, "fused": "auto"},
     "plain": {},
     "channels_last": {"performance": {"channels_last": True}},
     "fused_adamw": {"fused": True},
@@ -235,6 +234,16 @@ VARIANTS["default_cached"] = {**VARIANTS["default"], "cached_latents": True}
 VARIANTS["graphs_fast_cached"] = {**VARIANTS["graphs_fast"], "cached_latents": True}
 
 
+def performance(stage: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """A variant's ``model.performance``: its own, or (``"config"``) the stage config's, as trainer=gpu gives it."""
+    if spec.get("performance") != "config":
+        return dict(spec.get("performance", {}))
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"video_stage{stage}.yaml")
+    return dict(OmegaConf.to_container(config.performance, resolve=True))
+
+
 def build(stage: int, backbone: dict, variant: str, stage1: VideoStage1Module | None, eight_bit) -> pl.LightningModule:
     spec = VARIANTS[variant]
     torch.backends.cudnn.benchmark = bool(spec.get("cudnn_benchmark"))  # autotuned convolution algorithms
@@ -244,7 +253,7 @@ def build(stage: int, backbone: dict, variant: str, stage1: VideoStage1Module | 
         optimizer["fused"] = bool(spec.get("fused"))
     settings = {"eight_bit_adam": eight_bit if automatic else False, "scheduler": None, "optimizer": optimizer,
                 # the variants without graphs time the eager step (the default, cuda_graphs=auto, would capture)
-                "performance": {"cuda_graphs": False, **spec.get("performance", {})}}
+                "performance": {"cuda_graphs": False, **performance(stage, spec)}}
     if stage == 1:
         return VideoStage1Module(backbone, **settings)
     module = VideoStage2Module(backbone, **settings)
@@ -315,7 +324,7 @@ def main() -> None:
             if stage == 1 and variant == "plain":
                 stage1_plain = module
             for checkpoint in checkpointing:
-                if checkpoint and VARIANTS[variant].get("performance", {}).get("cuda_graphs") is True:
+                if checkpoint and performance(stage, VARIANTS[variant]).get("cuda_graphs") is True:
                     continue  # refused by the graphs (model.performance.cuda_graphs)
                 frames, batch = (1, args.stage1_batch) if stage == 1 else (args.stage2_frames, args.stage2_batch)
                 output["results"].append(run(module, frames, batch, size, clip_size, checkpoint, args, variant))

@@ -187,3 +187,44 @@ def test_the_plain_module_keeps_nchw_and_the_multi_tensor_adamw_on_the_cpu():
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     assert not optimizer.defaults.get("fused")
+
+
+def test_compiled_vae_encoder_draws_the_same_latents(monkeypatch):
+    """model.performance.compile_vae_encoder: the step encodes through a compiled channels-last copy of the frozen
+    VAE's encoder (dynamo's eager backend here: the same graph capture without code generation), with the latents
+    of vae.encode; the frozen VAE itself stays NCHW (its eager encoder is slower in NHWC) and is compiled once."""
+    import aniportrait.training.video as video
+
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eager(module, **options):
+        compiled.append(module)
+        return real_compile(module, backend="eager", **options)
+
+    monkeypatch.setattr(video.torch, "compile", compile_eager)
+    images = _batch()["pixel_values"].flatten(0, 1)
+    latents = {}
+    for setting in (False, True):
+        module = VideoStage1Module({"kind": "tiny", "seed": 0},
+                                   performance={"channels_last": True, "compile_vae_encoder": setting})
+        module._apply_performance_settings()
+        assert module.performance["compile_vae_encoder"] is setting
+        assert module.frozen.vae.encoder.conv_in.weight.is_contiguous()
+        assert module.denoising_unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        draws = [module._sample_latents(images, module._generators({"sample_index": torch.arange(4)}, 0)[0])
+                 for _ in range(2)]
+        latents[setting] = draws[0]
+        torch.testing.assert_close(draws[0], draws[1])
+    assert len(compiled) == 1  # made once, kept for the next step
+    torch.testing.assert_close(latents[True], latents[False], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_vae_encoder_auto_is_on_for_cuda_only():
+    from aniportrait.errors import AniPortraitError
+    from aniportrait.training.video import resolve_compile_vae_encoder
+
+    assert resolve_compile_vae_encoder("auto", "cuda") is True and resolve_compile_vae_encoder("auto", "cpu") is False
+    assert resolve_compile_vae_encoder(True, "cpu") is True and resolve_compile_vae_encoder(False, "cuda") is False
+    with pytest.raises(AniPortraitError, match="compile_vae_encoder='on'"):
+        resolve_compile_vae_encoder("on", "cuda")
