@@ -769,12 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare-real", help="the held-out real dataset (CPU, MediaPipe)")
     prepare.add_argument("--out", type=Path, default=REPO / ".device_carry" / "real256")
     prepare.add_argument("--size", type=int, default=256)
-    prepare.add_argument("--extra-train", default=str(SHARED / "samples" / "bad"),
+    prepare.add_argument("--extra-train", default="none",
                          help="a folder of other people's talking-head videos, prepared whole into the train split "
-                              "(the test split stays the four held-out ranges); default ../shared/samples/bad: three "
-                              "more identities pass the preparation, 523 more training frames. With 4 training "
-                              "identities the UNet drew another training person on 8 %% of the held-out frames, "
-                              "reference bank or not (identity_swaps); 'none': the 4 only")
+                              "(the test split stays the four held-out ranges), e.g. ../shared/samples/bad: three "
+                              "more identities pass the preparation, 523 more training frames. Measured on an H200 "
+                              "in the 9-minute budget (stage_b_learning_7ids.json): worse than the 4 alone, -2.43 "
+                              "against +0.10 dB over copying, identity swaps 14.9 %% against 8.0 %%; so off by "
+                              "default ('none': the 4 only)")
     train = commands.add_parser("train", help="train and generate one dataset (GPU)")
     train.add_argument("--dataset", choices=["synthetic", "real"], required=True)
     train.add_argument("--data", type=Path, help="the held-out real dataset (prepare-real)")
