@@ -229,7 +229,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphs_fused": {"performance": {"cuda_graphs": True}, "fused": True, "cudnn_benchmark": True},
     "graphs_fast": {"performance": {"cuda_graphs": True, "channels_last": True}, "fused": True, "cudnn_benchmark": True},
 }
-# model.loader.latent_cache: the same steps on precomputed posteriors and CLIP embeddings (no encoders in the step)
+# model.loader.latent_cache: the same steps on precomputed posteriors and CLIP embeddings (no encoders in the step);
+# default_cached is what trainer=gpu gives (latent_cache: auto) on data whose latents were built once
 VARIANTS["default_cached"] = {**VARIANTS["default"], "cached_latents": True}
 VARIANTS["graphs_fast_cached"] = {**VARIANTS["graphs_fast"], "cached_latents": True}
 

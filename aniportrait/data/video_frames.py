@@ -140,16 +140,11 @@ class VideoFrameDataset(Dataset):
                  augment: bool = True, length: int = 10_000, seed: int = 0, cache_clips: int = 8,
                  frame_cache_clips: int = 0, conditioning: bool = True, latent_cache: bool = False):
         self.root, self.settings, self.split = Path(root), settings, split
+        self.augment, self.conditioning = augment, bool(conditioning)
         self.latent_cache = bool(latent_cache)
-        if self.latent_cache and augment and (settings.crop_scale != (1.0, 1.0) or settings.horizontal_flip
-                                              or any(settings.color_jitter)):
-            raise AniPortraitError(
-                "model.loader.latent_cache=true holds centre crops of the frames; it cannot be combined with "
-                f"crop_scale={list(settings.crop_scale)}, horizontal_flip={settings.horizontal_flip} or "
-                f"color_jitter={list(settings.color_jitter)}: switch those off or set latent_cache=false")
-        if self.latent_cache and not conditioning:
-            raise AniPortraitError("model.loader.latent_cache=true is for stage B (conditioning: true); model=vae "
-                                   "trains on the frames themselves")
+        blocker = self.latent_cache_blocker()
+        if self.latent_cache and blocker:
+            raise AniPortraitError(f"model.loader.latent_cache=true: {blocker}")
         self.clip_image_processor = clip_image_processor
         self.random_clips, self.augment, self.length, self.seed = random_clips, augment, int(length), int(seed)
         need = settings.min_clip_frames
@@ -168,7 +163,7 @@ class VideoFrameDataset(Dataset):
                 "lower model.loader.n_sample_frames / sample_rate or use longer clips"
             )
         self._cache_size = cache_clips
-        self.frame_cache_clips, self.conditioning = int(frame_cache_clips), bool(conditioning)
+        self.frame_cache_clips = int(frame_cache_clips)
         self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()  # whole clips (frame_cache_clips > 0)
         self._landmarks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._readers: OrderedDict[int, Any] = OrderedDict()  # decord readers of this process
@@ -337,6 +332,17 @@ class VideoFrameDataset(Dataset):
         size = (self.settings.height, self.settings.width)
         return np.stack([draw_landmarks(points, image_size=size, normalized=True) for points in xy])
 
+    def latent_cache_blocker(self) -> str | None:
+        """Why this dataset's samples cannot come from precomputed latents (None: they can)."""
+        settings = self.settings
+        if self.augment and (settings.crop_scale != (1.0, 1.0) or settings.horizontal_flip or any(settings.color_jitter)):
+            return (f"the cache holds centre crops of the frames; it cannot be combined with "
+                    f"crop_scale={list(settings.crop_scale)}, horizontal_flip={settings.horizontal_flip} or "
+                    f"color_jitter={list(settings.color_jitter)}: switch those off or set latent_cache=false")
+        if not self.conditioning:
+            return "it is for stage B (conditioning: true); model=vae trains on the frames themselves"
+        return None
+
     def latent_cache_path(self, clip_index: int) -> Path:
         record = self.records[clip_index]
         return self.root / Path(record.video).parent / latent_cache_name(self.settings.width, self.settings.height)
@@ -499,8 +505,9 @@ class VideoFrameDataModule(pl.LightningDataModule):
     (``{}``: CLIP's 224 px defaults, as official). ``pin_memory``: None pins when CUDA is available.
     ``frame_cache_clips``: whole decoded clips kept per loader process (0: decode the frames a sample needs).
     ``conditioning``: false leaves pose images and CLIP pixels out of the samples (frames-only training).
-    ``latent_cache``: samples from precomputed latents (module docstring); the stage builds what is missing, stored
-    as ``latent_cache_dtype`` (float16, bfloat16 or float32).
+    ``latent_cache``: samples from precomputed latents (module docstring); true: the stage builds what is missing,
+    stored as ``latent_cache_dtype`` (float16, bfloat16 or float32); auto: the stage reads them where every train
+    and val clip already has them, made by its VAE and image encoder, and encodes pixels otherwise.
     """
 
     def __init__(self, source, n_sample_frames: int = 1, sample_rate: int | Sequence[int] = 1, width: int = 512,
@@ -509,11 +516,14 @@ class VideoFrameDataModule(pl.LightningDataModule):
                  color_jitter: Sequence[float] | None = None, batch_size: int = 2,
                  eval_batch_size: int = 2, num_workers: int = 4, pin_memory: bool | None = None,
                  samples_per_epoch: int = 100_000, seed: int = 0, frame_cache_clips: int = 0,
-                 conditioning: bool = True, latent_cache: bool = False, latent_cache_dtype: str = "float16"):
+                 conditioning: bool = True, latent_cache: bool | str = False, latent_cache_dtype: str = "float16"):
         super().__init__()
+        if latent_cache not in (True, False, "auto"):
+            raise AniPortraitError(f"model.loader.latent_cache={latent_cache!r}: expected true, false or auto")
+        self.latent_cache_mode: bool | str = latent_cache  # auto: the stage decides (VideoStage1Module)
         self.latent_cache_dtype = str(latent_cache_dtype)
         self.dataset_options = {"frame_cache_clips": int(frame_cache_clips), "conditioning": bool(conditioning),
-                                "latent_cache": bool(latent_cache)}
+                                "latent_cache": latent_cache is True}
         self.source = source
         rates = [sample_rate] if isinstance(sample_rate, int) else list(sample_rate)
         self.frame_settings = FrameSettings(

@@ -1,5 +1,7 @@
 """Precomputed latents for stage B (``model.loader.latent_cache: true``): the frozen VAE and CLIP image encoder run
-once per frame of the dataset instead of once per sample and step.
+once per frame of the dataset instead of once per sample and step. ``auto`` (stages 1 and 2's default) reads them
+when every train and val clip has a matching file and encodes pixels otherwise, so one run with ``true`` (or a
+stopped one: building resumes) serves every later run on the same data and backbone.
 
 Per clip, ``<clip dir>/latents_<W>x<H>.safetensors`` holds the VAE posterior of every frame through the loader's
 centre crop (``mean`` and ``std``, (T, 4, h, w), unscaled: the step draws ``mean + std * eps`` with the same
@@ -32,7 +34,7 @@ from aniportrait.data.video_frames import VideoFrameDataset
 from aniportrait.errors import AniPortraitError
 from aniportrait.utils.atomic import atomic_path
 
-__all__ = ["fingerprint", "ensure_latent_cache", "CACHE_DTYPES"]
+__all__ = ["fingerprint", "ensure_latent_cache", "cache_coverage", "CACHE_DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,9 @@ def _encode_clip(dataset: VideoFrameDataset, clip_index: int, vae: Any, image_en
             "clip_embeds": torch.cat(embeds).to(dtype).contiguous()}
 
 
-def ensure_latent_cache(datasets: Iterable[VideoFrameDataset], vae: Any, image_encoder: Any, dtype: str = "float16",
-                        batch_size: int = 16, rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, int]:
-    """Build the missing or stale cache files of every clip of ``datasets`` (this rank's share: clips
-    ``rank::world_size`` of the union, so ranks never write the same file); returns counts of built and kept."""
+def _work(datasets: Iterable[VideoFrameDataset], vae: Any, image_encoder: Any, dtype: str,
+          ) -> dict[Path, tuple[VideoFrameDataset, int, dict[str, str]]]:
+    """Every cache file of ``datasets``: the dataset and clip it holds, and the metadata it must carry."""
     if dtype not in CACHE_DTYPES:
         raise AniPortraitError(f"model.loader.latent_cache_dtype={dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
     vae_print, encoder_print = fingerprint(vae, ("encoder", "quant_conv")), fingerprint(image_encoder)
@@ -104,6 +105,22 @@ def ensure_latent_cache(datasets: Iterable[VideoFrameDataset], vae: Any, image_e
         for clip_index in range(len(dataset.records)):
             path = dataset.latent_cache_path(clip_index)
             work.setdefault(path, (dataset, clip_index, _metadata(dataset, clip_index, vae_print, encoder_print, dtype)))
+    return work
+
+
+def cache_coverage(datasets: Iterable[VideoFrameDataset], vae: Any, image_encoder: Any, dtype: str = "float16",
+                   ) -> tuple[int, int]:
+    """(files that match, files needed) for the clips of ``datasets``: made by these weights, at this size and
+    dtype (``model.loader.latent_cache: auto`` reads the cache only when every one matches). Nothing is written."""
+    work = _work(datasets, vae, image_encoder, dtype)
+    return sum(_matches(path, metadata) for path, (_, _, metadata) in work.items()), len(work)
+
+
+def ensure_latent_cache(datasets: Iterable[VideoFrameDataset], vae: Any, image_encoder: Any, dtype: str = "float16",
+                        batch_size: int = 16, rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, int]:
+    """Build the missing or stale cache files of every clip of ``datasets`` (this rank's share: clips
+    ``rank::world_size`` of the union, so ranks never write the same file); returns counts of built and kept."""
+    work = _work(datasets, vae, image_encoder, dtype)
     paths = sorted(work)[rank::world_size]
     stale = [path for path in paths if not _matches(path, work[path][2])]
     counts = {"built": 0, "kept": len(paths) - len(stale)}

@@ -514,16 +514,45 @@ class _VideoDiffusionModule(pl.LightningModule):
         (each rank its share), before the first step reads them."""
         from aniportrait.training.latent_cache import ensure_latent_cache
 
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(datamodule, "latent_cache_mode", False) == "auto":
+            self._use_prepared_latents(datamodule)
+            return
         datasets = self._latent_cache_datasets()
         if not datasets:
             return
-        datamodule = self.trainer.datamodule
         self._prepare_frozen()
         ensure_latent_cache(datasets, self.frozen.vae, self.frozen.image_encoder,
                             dtype=str(getattr(datamodule, "latent_cache_dtype", "float16")),
                             batch_size=int(self.hparams.vae_batch_size), rank=self.trainer.global_rank,
                             world_size=self.trainer.world_size, progress=self.trainer.is_global_zero)
         self.trainer.strategy.barrier("latent_cache")
+
+    def _use_prepared_latents(self, datamodule: Any) -> None:
+        """``model.loader.latent_cache: auto``: the train and val datasets read precomputed latents when every one of
+        their clips has a file made by this stage's VAE and image encoder at this size (logged either way); they
+        encode pixels otherwise. The same samples either way, up to the cache dtype's rounding (float16's mantissa
+        is finer than the bf16 a trainer=gpu encoder computes in)."""
+        from aniportrait.training.latent_cache import cache_coverage
+
+        datasets = [datamodule.datasets[split] for split in ("train", "val") if split in datamodule.datasets]
+        blockers = [blocker for blocker in (dataset.latent_cache_blocker() for dataset in datasets) if blocker]
+        if not datasets or blockers:
+            log.info("model.loader.latent_cache=auto: the steps encode pixels (%s)", blockers[0] if blockers else
+                     "no datasets")
+            return
+        self._prepare_frozen()
+        dtype = str(getattr(datamodule, "latent_cache_dtype", "float16"))
+        matching, needed = cache_coverage(datasets, self.frozen.vae, self.frozen.image_encoder, dtype)
+        if matching < needed:
+            log.info("model.loader.latent_cache=auto: %d of %d clips have precomputed latents made by this VAE and "
+                     "image encoder (%s), so the steps encode pixels; model.loader.latent_cache=true builds the "
+                     "rest once, and later runs read them", matching, needed, dtype)
+            return
+        for dataset in datasets:
+            dataset.latent_cache = True
+        log.info("model.loader.latent_cache=auto: every clip (%d) has precomputed latents made by this VAE and "
+                 "image encoder (%s): the steps read them instead of encoding pixels", needed, dtype)
 
     def _clip_embeds(self, clip_images: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """(b, 3, S, S) CLIP pixels -> (b, 1, D) embeddings; unconditional samples per ``loss.uncond_clip``."""

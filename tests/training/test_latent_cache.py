@@ -88,6 +88,37 @@ def test_a_stage_builds_its_cache_and_trains_on_it(source, tmp_path):
                for index in range(len(dataset.records)))
 
 
+def test_auto_reads_a_complete_cache_and_encodes_pixels_otherwise(source, tmp_path):
+    """model.loader.latent_cache=auto (stages 1 and 2's default): without files, or with one missing, or with
+    augmentations the cache cannot hold, the steps encode pixels and nothing is written; once a run with true has
+    built every file, a run with auto reads them (and rewrites none)."""
+    def fit(name, **settings):
+        module = VideoStage1Module(TINY, optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-3}, eight_bit_adam=False)
+        data = datamodule(source, batch_size=2, **settings)
+        trainer(tmp_path / name, max_steps=1).fit(module, datamodule=data)
+        return data
+
+    def files(data):
+        return sorted({dataset.latent_cache_path(i) for dataset in data.datasets.values()
+                       for i in range(len(dataset.records))})
+
+    data = fit("none", latent_cache="auto")
+    assert not data.datasets["train"].latent_cache and not any(path.exists() for path in files(data))
+    built = fit("build", latent_cache=True)
+    stamps = {path: path.stat().st_mtime_ns for path in files(built)}
+    data = fit("auto", latent_cache="auto")
+    assert data.datasets["train"].latent_cache and data.datasets["val"].latent_cache
+    assert "latent_mean" in next(iter(data.train_dataloader()))
+    assert {path: path.stat().st_mtime_ns for path in files(data)} == stamps
+    jittered = fit("jitter", latent_cache="auto", color_jitter=[0.2, 0.0, 0.0, 0.0])  # no error: pixels
+    assert not jittered.datasets["train"].latent_cache
+    train_files = sorted({data.datasets["train"].latent_cache_path(i) for i in range(len(data.datasets["train"].records))})
+    train_files[0].unlink()
+    assert not fit("partial", latent_cache="auto").datasets["train"].latent_cache
+    with pytest.raises(AniPortraitError, match="latent_cache='yes'"):
+        datamodule(source, latent_cache="yes")
+
+
 def test_augmentations_the_cache_cannot_hold_are_refused(source):
     for settings in ({"horizontal_flip": 0.5}, {"color_jitter": [0.2, 0.0, 0.0, 0.0]}, {"crop_scale": [0.8, 1.0]}):
         with pytest.raises(AniPortraitError, match="latent_cache"):
@@ -113,6 +144,11 @@ def test_the_loader_keys_compose(tmp_path):
             loader = VideoFrameDataModule(ClipSource(str(tmp_path)), **{
                 key: value for key, value in cfg.model.loader.items() if key not in ("_target_", "source")})
             assert loader.dataset_options["latent_cache"] is True and loader.latent_cache_dtype == "float16"
+            default = compose(config_name="train", overrides=[f"model={model}", "backbone=tiny"])
+            assert default.model.loader.latent_cache == "auto"
+            loader = VideoFrameDataModule(ClipSource(str(tmp_path)), **{
+                key: value for key, value in default.model.loader.items() if key not in ("_target_", "source")})
+            assert loader.latent_cache_mode == "auto" and loader.dataset_options["latent_cache"] is False
 
 
 def test_the_fingerprint_does_not_depend_on_the_memory_format():
