@@ -46,7 +46,7 @@ from aniportrait.data.video import probe_video, read_video, write_video
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.geometry import relative_pose6
 from aniportrait.inference import build_sampling_scheduler, resolve_device
-from aniportrait.inference.options import parse_context_frames
+from aniportrait.inference.options import bundle_context_frames, parse_context_frames
 from aniportrait.metrics.landmarks import lip_vertex_error, mean_vertex_error, mouth_opening, pearson, pose_l1
 from aniportrait.metrics.suite import (
     HIGHER_IS_BETTER,
@@ -566,8 +566,8 @@ def generate_test_videos(bundle: Bundle, root: Path, records: list[ClipRecord], 
                 reference_pose=_pose_images(arrays["lmks"][reference_frame : reference_frame + 1], height, width)[0],
                 num_inference_steps=int(generation.get("steps") or settings.get("num_inference_steps", 25)),
                 guidance_scale=float(generation.get("guidance_scale") or settings.get("guidance_scale", 3.5)),
-                context_frames=parse_context_frames(generation.get("context_frames") or settings.get("context_frames", 16),
-                                                    "protocol.generation.context_frames"),
+                context_frames=parse_context_frames(generation["context_frames"], "protocol.generation.context_frames")
+                if generation.get("context_frames") else bundle_context_frames(settings, pipeline.preset.name),
                 context_overlap=int(settings.get("context_overlap", 4)),
                 generator=torch.Generator(device=device).manual_seed(int(generation.get("seed", 0))),
                 width=size_w, height=size_h, progress=False,

@@ -258,18 +258,19 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
 def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, ablate: list[str],
                         scheduler: dict[str, str], out_dir: Path, steps: int | None = None,
                         distilled: bool = False, deep_cache_interval: int = 1,
-                        context_frames: int | str | None = None) -> list[str]:
+                        context_frames: int | str = 16) -> list[str]:
     """evaluate.py's overrides for one variant: the test clips of ``root`` generated with ``bundle``, the paths in
     ``ablate`` cut, the sampling scheduler's ``scheduler`` settings changed, ``steps`` steps (default ``--steps``),
     with the bundle's distilled student where ``distilled`` (its sampler, no guidance), deep features reused
-    across ``deep_cache_interval`` steps, in windows of ``context_frames`` (None: the bundle's)."""
+    across ``deep_cache_interval`` steps, in windows of ``context_frames`` (16 unless a variant names another: the
+    rows of every run so far, while bundles trained since 2026-12-03 default to auto)."""
     return [f"bundle={bundle}", "data=clips", f"data.root={root}", "protocol=self_reenactment",
             f"protocol.generation.ablate=[{','.join(ablate)}]",
             *(f"+protocol.generation.scheduler.{key}={value}" for key, value in scheduler.items()),
             f"protocol.generation.steps={steps or args.steps}", f"protocol.clips={args.test_clips or 'null'}",
             f"protocol.generation.distilled={str(distilled).lower()}",
             f"protocol.generation.deep_cache_interval={deep_cache_interval}",
-            f"protocol.generation.context_frames={context_frames if context_frames is not None else 'null'}",
+            f"protocol.generation.context_frames={context_frames}",
             "metrics.enabled=[ssim,psnr]", "metrics.download=false", f"output_dir={out_dir}", "num_workers=2",
             "overwrite=true"]
 

@@ -123,7 +123,7 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
         generation = evaluate.protocol.generation
         assert generation.steps == spec.get("steps", 25) and generation.distilled == spec.get("distilled", False)
         assert generation.deep_cache_interval == spec.get("deep_cache_interval", 1)
-        assert generation.context_frames == spec.get("context_frames")
+        assert generation.context_frames == spec.get("context_frames", 16)
         assert dict(generation.scheduler) == spec.get("scheduler", {})
 
 

@@ -240,6 +240,27 @@ def test_deep_cache_interval_comes_from_the_preset_unless_set():
     assert Sampling.resolve(AnimationOptions(), {"deep_cache_interval": 1}).deep_cache_interval == 1
 
 
+def test_the_context_window_comes_from_the_bundle_and_fits_the_preset():
+    """Bundles trained here record auto (the fewest windows, blended schedule); the official release records 16;
+    a bundle naming none gets 16. Under the official preset (fixed windows) a bundle's auto is the official 16, while
+    an explicit auto there stays the error the uniform schedule gives (tests/test_sampling_presets.py)."""
+    from hydra import compose, initialize_config_dir
+
+    config_dir = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        for model in ("video_stage1", "video_stage2"):
+            cfg = compose(config_name="train", overrides=[f"model={model}", "backbone=tiny"])
+            assert cfg.model.sampling.context_frames == "auto"
+    trained = {"context_frames": "auto"}
+    assert Sampling.resolve(AnimationOptions(), trained).context_frames == "auto"
+    assert Sampling.resolve(AnimationOptions(), {**trained, "sampling": "official"}).context_frames == 16
+    assert Sampling.resolve(AnimationOptions(sampling="official"), trained).context_frames == 16
+    assert Sampling.resolve(AnimationOptions(context_frames=12), trained).context_frames == 12
+    assert Sampling.resolve(AnimationOptions(context_frames="auto"), {"context_frames": 16}).context_frames == "auto"
+    assert Sampling.resolve(AnimationOptions(), {}).context_frames == 16
+    assert Sampling.resolve(AnimationOptions(), {"context_frames": 16, "sampling": "official"}).context_frames == 16
+
+
 def test_generate_video_samples_with_the_resolved_deep_cache_interval(monkeypatch, tmp_path):
     """What generate_video hands the pipeline: the project preset's interval 2 unless told otherwise."""
     seen = []

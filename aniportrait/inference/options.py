@@ -243,11 +243,20 @@ class Sampling:
             None if preset == "official" else PROJECT_CHUNK_FRAMES)
         return cls(int(pick(options.width, "width", 512)), int(pick(options.height, "height", 512)),
                    int(pick(options.steps, "num_inference_steps", 25)), float(pick(options.guidance, "guidance_scale", 3.5)),
-                   parse_context_frames(pick(options.context_frames, "context_frames", 16)),
+                   parse_context_frames(options.context_frames) if options.context_frames is not None
+                   else bundle_context_frames(settings, preset),
                    int(pick(options.context_overlap, "context_overlap", 4)), int(options.seed), preset,
                    None if chunk_frames is None else int(chunk_frames),
                    int(pick(options.deep_cache_interval, "deep_cache_interval",
                             SAMPLING_PRESETS[preset].deep_cache_interval)))
+
+
+def bundle_context_frames(settings: Mapping[str, Any], preset: str) -> int | str:
+    """The context window a bundle samples with when nothing else is asked (16 where it names none). A bundle's
+    ``auto`` (stage configs since 2026-12-03) belongs to the blended schedule; under the ``official`` preset, whose
+    uniform schedule has fixed windows, it is the official 16."""
+    value = parse_context_frames(settings.get("context_frames") or 16, "settings.video.context_frames")
+    return 16 if value == "auto" and preset == "official" else value
 
 
 def parse_context_frames(value: Any, key: str = "context_frames") -> int | str:

@@ -43,8 +43,10 @@ def context_windows(num_frames: int, context_frames: int | str = 16, context_ove
     if context_frames == "auto":
         if not 0 <= context_overlap < max_frames:
             raise AniPortraitError(f"context_overlap={context_overlap}: need 0 <= context_overlap < {max_frames}")
-        count = max(1, math.ceil((num_frames - context_overlap) / (max_frames - context_overlap)))
-        context_frames = min(num_frames, math.ceil((num_frames + (count - 1) * context_overlap) / count))
+        if num_frames <= max_frames:  # one window of the whole video, however short (no overlap to keep)
+            return [slice(0, num_frames)]
+        count = math.ceil((num_frames - context_overlap) / (max_frames - context_overlap))
+        context_frames = math.ceil((num_frames + (count - 1) * context_overlap) / count)
     context_frames = _window_length(context_frames, context_overlap)
     if num_frames <= context_frames:
         return [slice(0, num_frames)]

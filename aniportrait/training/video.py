@@ -91,7 +91,7 @@ OFFICIAL_LOSS: dict[str, Any] = {"noise_offset": 0.05, "snr_gamma": 5.0, "uncond
 OFFICIAL_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "lr": 1.0e-5, "betas": [0.9, 0.999],
                                       "weight_decay": 1.0e-2, "eps": 1.0e-8}
 DEFAULT_SAMPLING: dict[str, Any] = {"scheduler": INFERENCE_V2_SCHEDULER, "num_inference_steps": 25,
-                                    "guidance_scale": 3.5, "context_frames": 16, "context_overlap": 4}
+                                    "guidance_scale": 3.5, "context_frames": "auto", "context_overlap": 4}
 _EMA_DEFAULTS: dict[str, Any] = {"decay": None, "export": True}
 # model.performance: the plain path, plus CUDA graphs wherever they apply (auto: they compute the same function);
 # see _apply_performance_settings and benchmarks/README.md.

@@ -61,7 +61,8 @@ def test_channels_last_and_compile_keep_the_video(models, optimize):
     assert _psnr(video, plain) >= 35, _psnr(video, plain)
 
 
-@pytest.mark.parametrize("frames,windows,length", [(48, 2, 26), (64, 3, 24), (32, 1, 32), (10, 1, 10), (100, 4, 28)])
+@pytest.mark.parametrize("frames,windows,length", [(48, 2, 26), (64, 3, 24), (32, 1, 32), (10, 1, 10), (100, 4, 28),
+                                                    (4, 1, 4), (1, 1, 1)])  # shorter than the overlap: one window
 def test_auto_windows_are_few_and_short(frames, windows, length):
     layout = context_windows(frames, "auto", 4)
     assert len(layout) == windows and {w.stop - w.start for w in layout} == {length}
