@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from video_bench_setup import CLIP_VIT_L14_CONFIG, SD_VAE_CONFIG
+from video_bench_setup import CLIP_VIT_L14_CONFIG, SD_VAE_CONFIG, Timer
 
 RESULTS = Path(__file__).parent / "results" / "encoder_speed.json"
 
@@ -30,17 +30,9 @@ def timed(function: Callable[[], Any], repeats: int, cuda: bool) -> dict[str, fl
         function()
     seconds = []
     for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with Timer(cuda) as timer:
             function()
-            end.record()
-            end.synchronize()
-            seconds.append(start.elapsed_time(end) / 1000)
-        else:
-            begin = time.perf_counter()
-            function()
-            seconds.append(time.perf_counter() - begin)
+        seconds.append(timer.seconds)
     return {"seconds_median": round(statistics.median(seconds), 5), "seconds_min": round(min(seconds), 5)}
 
 

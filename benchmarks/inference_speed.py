@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from video_bench_setup import random_sd15_backbone
+from video_bench_setup import Timer, random_sd15_backbone
 
 from aniportrait.bundle import official_settings
 from aniportrait.data.clip import Manifest, load_landmarks
@@ -64,29 +64,6 @@ def talking_head(args: argparse.Namespace, frames: int) -> tuple[Portrait, np.nd
                            clip_seconds=seconds, size=args.size, progress=False).resolve()
     clip = root / Manifest.load(root).records[0].landmarks
     return portrait_from_landmarks_npz(clip, 0, args.size), load_landmarks(clip)["lmks"][:frames, :468, :2]
-
-
-class Timer:
-    """Seconds of a block: CUDA events on GPU, the wall clock on CPU."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.seconds = cuda, 0.0
-
-    def __enter__(self) -> Timer:
-        if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self.started
 
 
 def time_pipeline(pipeline: Pose2VideoPipeline, portrait: Portrait, landmarks: np.ndarray,

@@ -1,5 +1,6 @@
 """Shared setup of the stage-B benchmarks (loader_speed.py, video_train_step.py, overfit_stage1.py).
 
+* :class:`Timer`: seconds of a block (CUDA events on a GPU, the wall clock on the CPU).
 * :func:`random_sd15_backbone`: SD-1.5-shaped models with random weights (UNet, VAE, CLIP ViT-L/14 image encoder),
   written once as local diffusers / transformers folders, so ``backbone.video`` of ``kind: sd15`` loads them through
   the real loading path with no download.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,29 @@ CLIP_VIT_L14_CONFIG: dict[str, Any] = {
     "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
     "image_size": 224, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
 }
+
+
+class Timer:
+    """Seconds of a block: CUDA events on GPU, the wall clock on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.seconds = cuda, 0.0
+
+    def __enter__(self) -> Timer:
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.started
 
 
 def random_sd15_backbone(folder: str | os.PathLike, width: int = 512, height: int = 512, seed: int = 0) -> dict[str, Any]:
