@@ -70,6 +70,9 @@ VARIANTS["student4_compiled"] = {**VARIANTS["student4"], "compile": {}}
 VARIANTS["deepcache2"] = {"context_frames": 16, "window_batch": 1, "deep_cache_interval": 2}
 VARIANTS["auto_deepcache2"] = {**VARIANTS["auto"], "deep_cache_interval": 2}
 VARIANTS["auto_deepcache3"] = {**VARIANTS["auto"], "deep_cache_interval": 3}
+# What infer.py does without flags for a bundle trained here (the project preset): fewest windows, one window per
+# UNet call (the memory bound of the default), deep features reused every 2nd step.
+VARIANTS["trained_default"] = {"context_frames": "auto", "window_batch": 1, "deep_cache_interval": 2}
 
 
 def talking_head(frames: int, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,9 @@ steps and guidance), writing one result per variant. On the GPU machine, in one 
 
 ``variant`` ``default`` is what ``infer.py`` does without flags for the official release weights (the ``plain``
 variant: context windows of 16 overlapping by 4, one window per UNet call, the whole UNet at every step: the
-``official`` preset), ``default_project`` what it does for a bundle trained here (the ``project`` preset, which also
-reuses deep features every 2nd step: the ``deepcache2`` variant); the other rows keep their benchmark names. Settings that change the
+``official`` preset), ``default_project`` what it does for a bundle trained here (the ``project`` preset: the fewest
+context windows, ``context_frames=auto``, and deep features reused every 2nd step: the ``trained_default`` variant);
+the other rows keep their benchmark names. Settings that change the
 frames carry their quality figures where the learning benchmark measured them on trained weights (``--quality``:
 its ``distillation`` block: the 4-step student and undistilled 4-step DDIM / DPM-Solver against the 25-step
 teacher; its ``deep_cache`` block: the teacher's sampler with deep features reused; ``context_windows``: with
@@ -32,9 +33,10 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "inference_speed.json"
 # our benchmark's variant -> the row name, and which learning-benchmark rows measure its quality
-ROW_NAMES = {"plain": "default", "deepcache2": "default_project"}
+ROW_NAMES = {"plain": "default", "trained_default": "default_project"}
 QUALITY_ROWS = {"student4": ("distillation", "student_4"), "student4_compiled": ("distillation", "student_4"),
-                "deepcache2": ("deep_cache", "deepcache_2"), "auto": ("context_windows", "auto_windows")}
+                "deepcache2": ("deep_cache", "deepcache_2"),
+                "trained_default": ("deep_cache", "deepcache_2"), "auto": ("context_windows", "auto_windows")}
 SAME_FRAMES = {"plain", "batched"}  # the default's frames (window batching: up to float rounding)
 
 

@@ -30,7 +30,7 @@ def test_rows_against_the_official_call(tmp_path):
         {"variant": "plain", "scheduler": "DDIMScheduler", "steps": 25, "guidance": 3.5, "seconds_per_frame": 0.36,
          "peak_allocated_gib": 13.2, "context_frames": 16},
         {"variant": "student4", "scheduler": "LCMScheduler", "steps": 4, "guidance": 1.0, "seconds_per_frame": 0.04},
-        {"variant": "deepcache2", "scheduler": "DDIMScheduler", "steps": 25, "guidance": 3.5, "seconds_per_frame": 0.3}]})
+        {"variant": "trained_default", "scheduler": "DDIMScheduler", "steps": 25, "guidance": 3.5, "seconds_per_frame": 0.3}]})
     learning = _write(tmp_path / "learning.json", {"datasets": {"synthetic": {"distillation": {
         "student_4": {"psnr": 21.0, "psnr_vs_teacher": 25.0}}}, "real": {"deep_cache": {
         "deepcache_2": {"psnr": 20.9, "psnr_vs_teacher": 40.5}}}}})
