@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from video_bench_setup import random_sd15_backbone
 
+from aniportrait.models.checkpointing import set_gradient_checkpointing
 from aniportrait.training.video import VideoStage1Module, VideoStage2Module
 
 RESULTS = Path(__file__).parent / "results" / "video_train_step.json"
@@ -154,11 +155,12 @@ def matmul_ceiling(device: str) -> float | None:
     return round(2 * 8192**3 / statistics.median(times) / 1e12, 1)
 
 
-def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, clip_size: int, checkpointing: bool,
+def run(module: pl.LightningModule, frames: int, batch_size: int, size: int, clip_size: int,
+        checkpointing: bool | tuple[int, ...],
         args: argparse.Namespace, variant: str = "plain") -> dict[str, Any]:
     cuda = args.device == "cuda"
     for unet in (module.reference_unet, module.denoising_unet):
-        (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
+        set_gradient_checkpointing(unet, checkpointing)
     if module.performance["cuda_graphs"] == "auto" and module.performance["compile"] is None:
         # auto decides at setup from the checkpointing in force: decide again for this run's setting
         module._performance_applied, module._graphed_prediction = False, None
@@ -235,6 +237,17 @@ VARIANTS["default_cached"] = {**VARIANTS["default"], "cached_latents": True}
 VARIANTS["graphs_fast_cached"] = {**VARIANTS["graphs_fast"], "cached_latents": True}
 
 
+def parse_checkpointing_arg(text: str) -> bool | tuple[int, ...]:
+    """``off`` / ``on`` / ``0+1`` (the levels whose layers run under checkpointing)."""
+    named = {"off": False, "on": True}
+    if text in named:
+        return named[text]
+    try:
+        return tuple(int(level) for level in text.split("+"))
+    except ValueError:
+        raise SystemExit(f"--checkpointing: {text!r} is not off, on or levels such as 0+1") from None
+
+
 def performance(stage: int, spec: dict[str, Any]) -> dict[str, Any]:
     """A variant's ``model.performance``: its own, or (``"config"``) the stage config's, as trainer=gpu gives it."""
     if spec.get("performance") != "config":
@@ -275,7 +288,9 @@ def main() -> None:
     parser.add_argument("--stage2-batch", type=int, default=1)
     parser.add_argument("--stage2-frames", type=int, default=16)
     parser.add_argument("--stages", default="1,2", help="which stages to time, e.g. 1 or 1,2")
-    parser.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to time: off,on")
+    parser.add_argument("--checkpointing", default="off,on",
+                        help="gradient checkpointing settings to time: off, on, or resolution levels joined by + "
+                             "(0+1: only the two top levels; models/checkpointing.py)")
     parser.add_argument("--variants", default="plain", help=f"comma list of {sorted(VARIANTS)} (model.performance etc.)")
     parser.add_argument("--flops", action="store_true", help="count one step's FLOPs (MFU against the measured ceiling)")
     parser.add_argument("--profile", action="store_true", help="count one step's CUDA kernels (torch.profiler)")
@@ -304,7 +319,7 @@ def main() -> None:
     args.ceiling = matmul_ceiling(args.device)
     eight_bit = {"auto": "auto", "true": True, "false": False}[args.eight_bit_adam]
     stages = [int(x) for x in args.stages.split(",")]
-    checkpointing = [{"off": False, "on": True}[x] for x in args.checkpointing.split(",")]
+    checkpointing = [parse_checkpointing_arg(x) for x in args.checkpointing.split(",")]
     output = {
         "benchmark": "stage-B training step, tiny backbone (smoke test)" if args.tiny
         else "stage-B training step, backbone=small (random init)" if args.small

@@ -354,9 +354,10 @@ class UNet3DConditionModel(UNet2DConditionModel):
                 )
         return [_fold(feature) for feature in pose_cond_fea]
 
-    def _layer(self, module: nn.Module, *args: Any) -> torch.Tensor:
-        """Run a resnet or motion module, under gradient checkpointing when that is switched on."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+    def _layer(self, block: nn.Module, module: nn.Module, *args: Any) -> torch.Tensor:
+        """Run a resnet or motion module of ``block``, under gradient checkpointing when that is on for the block
+        (models/checkpointing.py: everywhere, or at some resolution levels only)."""
+        if getattr(block, "gradient_checkpointing", self.gradient_checkpointing) and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(module, *args)
         return module(*args)
 
@@ -371,11 +372,11 @@ class UNet3DConditionModel(UNet2DConditionModel):
                     num_frames: int, downsample: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         skips: tuple[torch.Tensor, ...] = ()
         for resnet, attention, motion_module in self._layers(block):
-            hidden = self._layer(resnet, hidden, emb)
+            hidden = self._layer(block, resnet, hidden, emb)
             if attention is not None:
                 hidden = attention(hidden, encoder_hidden_states=context, return_dict=False)[0]
             if motion_module is not None:
-                hidden = self._layer(motion_module, hidden, num_frames)
+                hidden = self._layer(block, motion_module, hidden, num_frames)
             skips += (hidden,)
         if block.downsamplers is not None and downsample:
             for downsampler in block.downsamplers:
@@ -385,24 +386,24 @@ class UNet3DConditionModel(UNet2DConditionModel):
 
     def _mid_block(self, hidden: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         block = self.mid_block
-        hidden = self._layer(block.resnets[0], hidden, emb)
+        hidden = self._layer(block, block.resnets[0], hidden, emb)
         motion_modules = getattr(block, "motion_modules", None) or [None] * len(block.attentions)
         for attention, motion_module, resnet in zip(block.attentions, motion_modules, block.resnets[1:]):
             hidden = attention(hidden, encoder_hidden_states=context, return_dict=False)[0]
             if motion_module is not None:
-                hidden = self._layer(motion_module, hidden, num_frames)
-            hidden = self._layer(resnet, hidden, emb)
+                hidden = self._layer(block, motion_module, hidden, num_frames)
+            hidden = self._layer(block, resnet, hidden, emb)
         return hidden
 
     def _up_block(self, block: nn.Module, hidden: torch.Tensor, skips: tuple[torch.Tensor, ...], emb: torch.Tensor,
                   context: torch.Tensor, num_frames: int, upsample_size: torch.Size | None) -> torch.Tensor:
         for resnet, attention, motion_module in self._layers(block):
             hidden, skips = torch.cat([hidden, skips[-1]], dim=1), skips[:-1]
-            hidden = self._layer(resnet, hidden, emb)
+            hidden = self._layer(block, resnet, hidden, emb)
             if attention is not None:
                 hidden = attention(hidden, encoder_hidden_states=context, return_dict=False)[0]
             if motion_module is not None:
-                hidden = self._layer(motion_module, hidden, num_frames)
+                hidden = self._layer(block, motion_module, hidden, num_frames)
         if block.upsamplers is not None:
             for upsampler in block.upsamplers:
                 hidden = upsampler(hidden, upsample_size)

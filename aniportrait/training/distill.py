@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from aniportrait.bundle import BUNDLE_FILE, Bundle
 from aniportrait.errors import AniPortraitError
+from aniportrait.models.checkpointing import parse_checkpointing, set_gradient_checkpointing
 from aniportrait.models.unet3d import UNet3DConditionModel
 from aniportrait.training.video import VideoStage2Module, _settings
 
@@ -172,8 +173,8 @@ class VideoDistillModule(VideoStage2Module):
         for unet in (self.student_unet, self.target_unet):
             if unet is not None:
                 self.reference_control.add_reader(unet)
-        if self.hparams.gradient_checkpointing:
-            self.student_unet.enable_gradient_checkpointing()
+        if parse_checkpointing(self.hparams.gradient_checkpointing):  # true, false, or resolution levels
+            set_gradient_checkpointing(self.student_unet, self.hparams.gradient_checkpointing)
         self._set_trainable()
         self._teacher_loaded = False
         self.train()

@@ -57,6 +57,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from aniportrait.bundle import BUNDLE_FILE, Bundle, export_bundle, load_component_weights, load_vae
 from aniportrait.errors import AniPortraitError
+from aniportrait.models.checkpointing import parse_checkpointing, set_gradient_checkpointing
 from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpoint
 from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS
@@ -246,10 +247,11 @@ class _VideoDiffusionModule(pl.LightningModule):
             self._vae_state(models.vae) if random_init and models.vae_trained else None)
         self.reference_control = ReferenceAttentionControl(self.reference_unet, self.denoising_unet)
         self._set_trainable()
-        if hp.gradient_checkpointing:
-            self.denoising_unet.enable_gradient_checkpointing()
+        checkpointing = parse_checkpointing(hp.gradient_checkpointing)  # true, false, or resolution levels
+        if checkpointing:
+            set_gradient_checkpointing(self.denoising_unet, checkpointing)
             if self.stage == 1:
-                self.reference_unet.enable_gradient_checkpointing()
+                set_gradient_checkpointing(self.reference_unet, checkpointing)
         decay = self.ema_settings["decay"]
         self.ema = ParameterEMA(decay) if decay else None
         self.data_settings: dict[str, Any] = {}  # from the datamodule: fps, size, frames, pose scaling
@@ -825,7 +827,7 @@ class VideoStage1Module(_VideoDiffusionModule):
         optimizer: Mapping[str, Any] | None = None,
         eight_bit_adam: bool | str = "auto",
         scheduler: Mapping[str, Any] | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Sequence[int] = False,
         reference_unet_frozen: Sequence[str] = ("up_blocks.3",),
         vae_batch_size: int = 8,
         ema: Mapping[str, Any] | None = None,
@@ -882,7 +884,7 @@ class VideoStage2Module(_VideoDiffusionModule):
         optimizer: Mapping[str, Any] | None = None,
         eight_bit_adam: bool | str = "auto",
         scheduler: Mapping[str, Any] | None = None,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | Sequence[int] = True,
         vae_batch_size: int = 8,
         ema: Mapping[str, Any] | None = None,
         init: Mapping[str, Any] | None = None,

@@ -20,6 +20,7 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from safetensors.torch import load_file, save_file
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.models.checkpointing import parse_checkpointing, set_gradient_checkpointing
 from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpoint
 from aniportrait.models.motion_module import (
     VanillaTemporalModule,
@@ -263,6 +264,48 @@ def test_unet3d_config_round_trip_and_gradient_checkpointing(tmp_path):
     assert plain.keys() == checkpointed.keys() and any(".motion_modules." in name for name in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("kind", ["unet3d", "reference_net"])
+def test_checkpointing_at_chosen_levels_recomputes_only_there_and_keeps_the_gradients(kind):
+    torch.manual_seed(0)
+    if kind == "unet3d":
+        unet = _tiny_unet3d()
+        inputs = (torch.randn(1, 4, 2, 8, 8), 3, torch.randn(1, 1, 32))
+    else:
+        unet = ReferenceNet(**{k: v for k, v in TINY_UNET_CONFIG.items() if not k.startswith("_")})
+        inputs = (torch.randn(1, 4, 8, 8), 3, torch.randn(1, 1, 32))
+    _randomize(unet, seed=2)
+    calls: dict[str, int] = {}
+    for name, module in unet.named_modules():
+        if name.endswith("resnets.0"):
+            module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+
+    def step(setting):
+        set_gradient_checkpointing(unet, setting)
+        unet.train().zero_grad()
+        calls.clear()
+        out = unet(*inputs)
+        out = out.sample if hasattr(out, "sample") else out[0]
+        out.square().mean().backward()
+        return {name: p.grad.clone() for name, p in unet.named_parameters() if p.grad is not None}, dict(calls)
+
+    plain, plain_calls = step(False)
+    top, top_calls = step([0])
+    assert set(plain_calls.values()) == {1}
+    deepest = len(unet.down_blocks) - 1
+    assert top_calls["down_blocks.0.resnets.0"] == 2 and top_calls[f"up_blocks.{deepest}.resnets.0"] == 2
+    assert top_calls["down_blocks.1.resnets.0"] == 1 and top_calls["up_blocks.0.resnets.0"] == 1
+    every, every_calls = step(True)
+    assert every_calls["down_blocks.1.resnets.0"] == 2
+    for name in plain:  # checkpointing never changes the function
+        torch.testing.assert_close(top[name], plain[name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(every[name], plain[name], atol=1e-5, rtol=1e-4)
+    with pytest.raises(AniPortraitError, match=r"levels \[7\].*levels 0\.\.3"):
+        set_gradient_checkpointing(unet, [7])
+    with pytest.raises(AniPortraitError, match="model.gradient_checkpointing='top'"):
+        parse_checkpointing("top")
 
 
 # -- motion module ------------------------------------------------------------------------------------------
