@@ -35,9 +35,10 @@ from video_bench_setup import Timer, random_sd15_backbone
 
 from aniportrait.bundle import official_settings
 from aniportrait.data.clip import Manifest, load_landmarks
+from aniportrait.data.portrait import portrait_from_landmarks_npz
 from aniportrait.data.sources import SyntheticSource
 from aniportrait.data.video import read_video
-from aniportrait.face.portrait import Portrait, portrait_from_landmarks_npz
+from aniportrait.face.portrait import Portrait
 from aniportrait.inference import AnimationOptions, LandmarkPoseFrames, generate_video
 from aniportrait.models.video_backbone import build_video_models
 from aniportrait.pipelines.pose2video import Pose2VideoPipeline, build_scheduler

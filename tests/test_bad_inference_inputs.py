@@ -19,9 +19,9 @@ from PIL import Image
 
 from aniportrait.api import AniPortrait
 from aniportrait.data.clip import Manifest
+from aniportrait.data.portrait import portrait_from_landmarks_npz
 from aniportrait.data.video import probe_video
 from aniportrait.errors import AniPortraitError
-from aniportrait.face.portrait import portrait_from_landmarks_npz
 from aniportrait.inference import (
     AnimationOptions,
     LandmarkPoseFrames,

@@ -27,7 +27,7 @@ import numpy as np
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.landmarks import FaceLandmarker, find_face_in_tiles
 
-__all__ = ["Portrait", "load_portrait", "portrait_from_landmarks_npz", "read_image_rgb", "square_face_crop"]
+__all__ = ["Portrait", "load_portrait", "read_image_rgb", "resize_square", "square_face_crop"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def square_face_crop(image_size: tuple[int, int], face_box: tuple[float, float, 
     return left, top, left + side, top + side
 
 
-def _resize_square(image: np.ndarray, size: int) -> np.ndarray:
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """A square image at ``size`` x ``size`` (area averaging down, cubic up)."""
     interpolation = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
@@ -145,7 +146,7 @@ def load_portrait(
         box = tuple(value / scale for value in _largest_face_box(landmarker, search, name))
         crop_box = square_face_crop((height, width), box, crop_scale)
         x0, y0, x1, y1 = crop_box
-        framed = _resize_square(image[y0:y1, x0:x1], size)
+        framed = resize_square(image[y0:y1, x0:x1], size)
         final = landmarker.detect(framed)
     if final is None:
         raise AniPortraitError(
@@ -153,48 +154,3 @@ def load_portrait(
             f"give a larger image of the face or a larger size"
         )
     return Portrait(framed, final.lmks, final.mesh3d, final.trans_mat, final.blendshapes, name, crop_box)
-
-
-def portrait_from_landmarks_npz(
-    path: str | os.PathLike,
-    frame: int = 0,
-    size: int | None = None,
-    video: str | os.PathLike | None = None,
-) -> Portrait:
-    """A prepared clip's frame as the portrait: landmarks from its ``landmarks.npz``, pixels from its video.
-
-    ``video`` defaults to ``video.mp4`` beside the npz (the clip format). ``size`` resizes the (square)
-    frame; normalised landmarks, the mesh and the camera of a square image do not change with its size.
-    Without a video (landmarks only), the image is black: enough for landmark-only modes.
-    """
-    from aniportrait.data.clip import load_landmarks
-    from aniportrait.data.video import read_video
-
-    path = Path(path)
-    arrays = load_landmarks(path)
-    frames = len(arrays["valid"])
-    if not 0 <= frame < frames:
-        raise AniPortraitError(f"{path} has {frames} frames; frame={frame} is out of range (use 0..{frames - 1})")
-    if not arrays["valid"][frame]:
-        valid = np.flatnonzero(arrays["valid"])
-        hint = f"use a valid frame, e.g. {int(valid[0])}" if len(valid) else "this clip has no face at all"
-        raise AniPortraitError(f"{path}: frame {frame} has no detected face; {hint}")
-    video = Path(video) if video is not None else path.with_name("video.mp4")
-    if not video.is_file():
-        side = size or 512
-        image = np.zeros((side, side, 3), dtype=np.uint8)
-    else:
-        image = read_video(video, [frame])[0]
-    if image.shape[0] != image.shape[1]:
-        raise AniPortraitError(f"{video} is {image.shape[1]}x{image.shape[0]}; clip videos are square face crops")
-    if size is not None and size != image.shape[0]:
-        image = _resize_square(image, size)
-    return Portrait(
-        image=image,
-        lmks=arrays["lmks"][frame].astype(np.float32),
-        mesh3d=arrays["mesh3d"][frame].astype(np.float32),
-        trans_mat=arrays["trans_mat"][frame].astype(np.float32),
-        blendshapes=arrays["blendshapes"][frame].astype(np.float32),
-        source=f"{path}#frame={frame}",
-        crop_box=(0, 0, image.shape[1], image.shape[0]),
-    )

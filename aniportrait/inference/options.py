@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from aniportrait.data.portrait import portrait_from_landmarks_npz
 from aniportrait.errors import AniPortraitError
-from aniportrait.face.portrait import Portrait, load_portrait, portrait_from_landmarks_npz
+from aniportrait.face.portrait import Portrait, load_portrait
 from aniportrait.pipelines.presets import SAMPLING_PRESETS
 from aniportrait.utils import values
 from aniportrait.utils.outputs import Overwrite, check_outputs

@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from aniportrait.data.portrait import portrait_from_landmarks_npz
 from aniportrait.errors import AniPortraitError
-from aniportrait.face.portrait import Portrait, load_portrait, portrait_from_landmarks_npz, square_face_crop
+from aniportrait.face.portrait import Portrait, load_portrait, square_face_crop
 
 SHARED = Path(os.environ.get("ANIPORTRAIT_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
 MODEL = SHARED / "samples" / "models" / "face_landmarker_v2_with_blendshapes.task"
