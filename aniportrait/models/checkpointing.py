@@ -23,9 +23,9 @@ def parse_checkpointing(value: Any, key: str = "model.gradient_checkpointing") -
     """``true`` / ``false``, or a list of resolution levels (``[0, 1]``) whose layers run under checkpointing."""
     if isinstance(value, bool) or value is None:
         return bool(value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(level, int) and not isinstance(level, bool)
-                                               for level in value):
-        return tuple(sorted(set(value))) if len(value) else False
+    levels = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if levels is not None and all(isinstance(level, int) and not isinstance(level, bool) for level in levels):
+        return tuple(sorted(set(levels))) if levels else False
     raise AniPortraitError(f"{key}={value!r}: use true (every level), false, or a list of UNet resolution levels "
                            "such as [0, 1] (0 = the full latent resolution)")
 
