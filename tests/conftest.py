@@ -88,7 +88,7 @@ def tiny_module_kwargs(**overrides) -> dict:
 
 
 class CollectingWriter:
-    """Stands in for aniportrait.data.video.VideoWriter (H.264 is lossy): keeps the frames it is given
+    """Stands in for the stage-B video writer (EncoderProcess; H.264 is lossy): keeps the frames it is given
     (``CollectingWriter.written``, reset by each new writer)."""
 
     written: list[np.ndarray] = []

@@ -68,7 +68,7 @@ def test_the_official_preset_streams_one_sequence_and_chunks_change_frames(offic
     lmks = np.concatenate([rng.uniform(0.2, 0.8, (478, 2)), np.zeros((478, 1))], axis=1).astype(np.float32)
     portrait = Portrait(arrays["reference_image"], lmks, np.zeros((468, 3), np.float32), np.eye(4, dtype=np.float32),
                         np.zeros(52, np.float32))
-    monkeypatch.setattr(generate_module, "VideoWriter", CollectingWriter)
+    monkeypatch.setattr(generate_module, "EncoderProcess", CollectingWriter)
     options = AnimationOptions(width=64, height=64, steps=2, guidance=3.5, seed=5, progress=False)
     assert Sampling.resolve(options, official_pipeline.video_settings).chunk_frames is None
     generate_video(official_pipeline, portrait, _Frames(poses), tmp_path / "out.mp4", 30.0, None, options)

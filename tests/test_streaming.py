@@ -272,7 +272,7 @@ def test_generate_video_samples_with_the_resolved_deep_cache_interval(monkeypatc
             seen.append(deep_cache_interval)
             return np.zeros((len(args[1]), 8, 8, 3), np.uint8)
 
-    monkeypatch.setattr(generate_module, "VideoWriter", CollectingWriter)
+    monkeypatch.setattr(generate_module, "EncoderProcess", CollectingWriter)
     portrait = Portrait(np.zeros((8, 8, 3), np.uint8), np.full((478, 3), 0.5, np.float32), np.zeros((468, 3), np.float32),
                         np.eye(4, dtype=np.float32), np.zeros(52, np.float32))
     poses = LandmarkPoseFrames(np.full((6, 468, 2), 0.5, np.float32), (8, 8))

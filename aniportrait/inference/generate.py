@@ -1,6 +1,8 @@
 """Stage B, streamed: pose images -> an H.264 mp4 with the driver's audio, chunk by chunk, at bounded memory.
 
-Frames are written with the incremental :class:`~aniportrait.data.video.VideoWriter` as they are decoded. With the
+Frames are written as they are decoded, by :class:`~aniportrait.data.video.VideoWriter` in a child process
+(:class:`~aniportrait.data.video_encoder.EncoderProcess`, so H.264 encoding never takes the interpreter lock from
+the thread that launches GPU work). With the
 official sampling preset the whole video is one sequence of context windows, as in the official pipeline
 (``chunk_frames`` None). Otherwise stage B samples ``chunk_frames`` frames per pipeline call: neighbouring chunks
 share ``chunk_overlap`` frames that both generate from the same pose images; those frames are cross-faded with
@@ -10,8 +12,8 @@ chunk the pipeline's context windows combine in latent space at every step. mode
 themselves and the arrays behind them.
 
 Sampling and writing overlap: the frames are produced (sampled and decoded on the GPU) on a thread of their own
-while the main thread encodes them (H.264 and AAC on the CPU), at most ``WRITE_AHEAD_FRAMES`` apart; the frames and
-the file are the same as one thread doing both.
+while the main thread hands them to the encoder process (H.264 and AAC on another core), at most
+``WRITE_AHEAD_FRAMES`` apart; the frames and the file are the same as one thread doing both.
 
 Every output is written under a temporary name and renamed when complete, so a failure leaves no partial file.
 """
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from aniportrait.audio.io import SAMPLE_RATE
 from aniportrait.data.video import VideoWriter
+from aniportrait.data.video_encoder import EncoderProcess
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait
 from aniportrait.inference.interpolation import build_interpolator, fill_between_keyframes, keyframe_indices
@@ -166,8 +169,8 @@ def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames
 
     keyframes = whole_video() if sampling.chunk_frames is None else stitch_chunks(chunks(), int(options.chunk_overlap))
     frames = fill_between_keyframes(keys, keyframes, interpolator) if interpolator else keyframes
-    with VideoWriter(output, fps) as writer, tqdm(total=total, desc="frames", unit="frame",
-                                                  disable=not options.progress) as bar:
+    with EncoderProcess(output, fps) as writer, tqdm(total=total, desc="frames", unit="frame",
+                                                     disable=not options.progress) as bar:
         writer.set_audio(_audio_for(audio, total, fps))
         for frame in in_background(frames, WRITE_AHEAD_FRAMES, name="stage-b-frames"):
             writer.write(frame)
