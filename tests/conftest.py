@@ -113,6 +113,14 @@ class CollectingWriter:
         return len(CollectingWriter.written)
 
 
+def keyframes(path) -> list[int]:
+    """Indices of the video's keyframes, in display order."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [index for index, frame in enumerate(container.decode(video=0)) if frame.key_frame]
+
+
 def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run one of train.py / infer.py / evaluate.py as a user would; returns the CompletedProcess."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}

@@ -1,5 +1,5 @@
 """EncoderProcess: VideoWriter's file byte for byte from a child process, written atomically, with the child's
-errors and bad input raised in the caller."""
+errors and bad input raised in the caller; VideoWriter's keyframe spacing."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import filecmp
 
 import numpy as np
 import pytest
+from conftest import keyframes
 
-from aniportrait.data.video import VideoWriter, read_video
+from aniportrait.data.video import VideoWriter, read_video, write_video
 from aniportrait.data.video_encoder import EncoderProcess
 from aniportrait.errors import AniPortraitError
 
@@ -18,6 +19,20 @@ def media():
     rng = np.random.default_rng(0)
     frames = np.clip(rng.normal(120, 40, (9, 48, 64, 3)), 0, 255).astype(np.uint8)
     return frames, rng.normal(0, 0.1, 16_000).astype(np.float32)
+
+
+def test_keyframe_interval_spaces_the_keyframes_and_keeps_the_frames(tmp_path, media):
+    frames, _ = media
+    long = np.concatenate([frames] * 4)  # 36 frames
+    write_video(tmp_path / "default.mp4", long, 25)
+    write_video(tmp_path / "short.mp4", long, 25, keyframe_interval=8)
+    assert keyframes(tmp_path / "default.mp4") == [0]  # x264's default interval is 250 frames
+    spaced = keyframes(tmp_path / "short.mp4")
+    assert spaced[0] == 0 and len(spaced) >= 5 and max(np.diff(spaced + [36])) <= 8
+    np.testing.assert_allclose(read_video(tmp_path / "short.mp4").astype(float),
+                               read_video(tmp_path / "default.mp4").astype(float), atol=40)  # the same frames, lossy
+    with pytest.raises(AniPortraitError, match="keyframe_interval=0"):
+        VideoWriter(tmp_path / "bad.mp4", 25, keyframe_interval=0)
 
 
 def _leftovers(folder):

@@ -120,7 +120,8 @@ def write_clip(
         "warnings": list(segment.warnings),
     }
     with atomic_dir(clip_dir(root, clip_id), replace=True) as folder:  # a rerun redoes an unfinished source
-        with VideoWriter(folder / "video.mp4", fps, crf=config.crf, preset=config.preset) as writer:
+        with VideoWriter(folder / "video.mp4", fps, crf=config.crf, preset=config.preset,
+                         keyframe_interval=config.keyframe_interval) as writer:
             if clip_audio is not None and config.mux_audio:
                 writer.set_audio(clip_audio)
             # One face, as the official code: the crop holds the tracked face, and looking for more would
