@@ -53,8 +53,9 @@ class PrepareConfig:
     # Output encoding
     crf: int = 18
     preset: str = "medium"
-    keyframe_interval: int | None = 16  # frames between keyframes (null: x264's 250); training reads random frames,
-    # and each read decodes from the keyframe before it: 16 made 2-frame reads 4.9x faster than 250 for 1.9x the bytes
+    # frames between keyframes (null: x264's 250). Training reads random frames, each decoded from the keyframe
+    # before it: 16 made 2-frame reads 2.3-4.6x faster than 250, for 1.1-1.9x the bytes (benchmarks/README.md)
+    keyframe_interval: int | None = 16
     mux_audio: bool = True  # also put the audio into video.mp4 (audio.wav is always written when present)
 
     # Identities and splits
