@@ -65,6 +65,7 @@ from aniportrait.errors import AniPortraitError
 from aniportrait.face.drawing import draw_landmarks
 from aniportrait.models.pose_image_scaling import POSE_IMAGE_SCALINGS, scale_pose_images
 from aniportrait.utils.files import read_arrays
+from aniportrait.utils.pixels import to_signed_unit
 
 __all__ = ["FrameSettings", "VideoFrameDataset", "ResumableBatchLoader", "VideoFrameDataModule", "latent_cache_name"]
 
@@ -421,7 +422,7 @@ class VideoFrameDataset(Dataset):
             images = images[:, :, ::-1]
         if draw.color is not None:
             images = self._jitter(np.ascontiguousarray(images), draw.color)
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        pixels = to_signed_unit(images)  # (f + 1, 3, H, W) in [-1, 1]
         sample = {"pixel_values": pixels[:-1], "reference_image": pixels[-1], **self._identity(index, draw)}
         if not self.conditioning:
             return sample

@@ -40,8 +40,11 @@ def scale_pose_images(pose_images: torch.Tensor | np.ndarray, mode: PoseImageSca
     if mode not in POSE_IMAGE_SCALINGS:
         raise AniPortraitError(f"pose image scaling {mode!r} is unknown: expected one of {POSE_IMAGE_SCALINGS}")
     images = torch.as_tensor(pose_images)
-    if not images.is_floating_point():
-        images = images.to(torch.float32)
+    if not images.is_floating_point():  # a fresh contiguous buffer, then the same operations in place (same values)
+        images = torch.empty(images.shape, dtype=torch.float32).copy_(images)
+        if mode == "unit":
+            images.div_(255.0)
+        return images.mul_(2.0).sub_(1.0)
     if mode == "unit":
         images = images / 255.0
     return images * 2.0 - 1.0

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from aniportrait.data.video_frames import VideoFrameDataset
 from aniportrait.errors import AniPortraitError
 from aniportrait.utils.atomic import atomic_path
+from aniportrait.utils.pixels import to_signed_unit
 
 __all__ = ["fingerprint", "ensure_latent_cache", "cache_coverage", "CACHE_DTYPES"]
 
@@ -81,7 +82,7 @@ def _encode_clip(dataset: VideoFrameDataset, clip_index: int, vae: Any, image_en
     if images.shape[0] != record.frames:
         raise AniPortraitError(f"clip {record.id}: decoded {images.shape[0]} frames, the manifest says {record.frames}")
     device = next(vae.parameters()).device
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # as a sample's pixel_values
+    pixels = to_signed_unit(images)  # as a sample's pixel_values
     means, stds, embeds = [], [], []
     for start in range(0, len(pixels), batch_size):
         chunk = pixels[start : start + batch_size].to(device, vae.dtype)

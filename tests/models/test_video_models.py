@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from aniportrait.models.reference_attention import ReferenceAttentionControl, se
 from aniportrait.models.reference_unet import ReferenceNet
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS, UNet3DConditionModel
 from aniportrait.models.video_backbone import TINY_UNET_CONFIG, build_video_models
+from aniportrait.utils.pixels import to_signed_unit
 
 SHARED = Path(os.environ.get("ANIPORTRAIT_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
 OFFICIAL = SHARED / "reference" / "official_checkpoints"
@@ -111,6 +113,13 @@ def test_pose_image_scaling_modes():
     torch.testing.assert_close(scale_pose_images(pose.numpy(), "official_inference"), torch.tensor([-1.0, 255.0, 509.0]))
     with pytest.raises(AniPortraitError, match="unknown"):
         scale_pose_images(pose, "imagenet")
+    # integer input goes through one buffer and in-place operations: bit for bit the float path's values
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 8, 6, 3), dtype=np.uint8))
+    for mode in ("unit", "official_inference"):
+        permuted = images.permute(0, 3, 1, 2)
+        assert torch.equal(scale_pose_images(permuted, mode), scale_pose_images(permuted.float(), mode))
+    assert torch.equal(to_signed_unit(images.numpy()), images.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    assert to_signed_unit(images).is_contiguous() and to_signed_unit(images).shape == (3, 3, 8, 6)
 
 
 # -- official key layouts (full size, meta device) ----------------------------------------------------------
