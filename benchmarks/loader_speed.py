@@ -10,7 +10,7 @@ timed. Writes benchmarks/results/loader_speed.json.
     python benchmarks/loader_speed.py --workers 0 4 8 [--frames 1] [--size 512] [--seconds 20]
     python benchmarks/loader_speed.py --data /datasets/hdtf --workers 8
     python benchmarks/loader_speed.py --latent-cache --workers 2   # also the precomputed-latent path
-    python benchmarks/loader_speed.py --keyframe-interval 16 --workers 2   # also clips as prepare writes them
+    python benchmarks/loader_speed.py --gop-size 16 --workers 2   # also clips as prepare writes them
 
 ``--latent-cache`` times, beside the pixel path, the loader of ``model.loader.latent_cache`` (posterior rows and
 CLIP embeddings read from each clip's safetensors file, pose images drawn; no video decoded). The files are built
@@ -77,12 +77,12 @@ def build_cache(root: Path, args: argparse.Namespace) -> float:
     return round(time.perf_counter() - start, 1)
 
 
-def reencode(root: Path, keyframe_interval: int) -> Path:
+def reencode(root: Path, gop_size: int) -> Path:
     """Every clip's video.mp4 (a link to a sample) replaced by an H.264 copy with that keyframe spacing."""
     for video in sorted((root / "clips").glob("*/video.mp4")):
         frames, fps = read_video(video), probe_video(video).fps
         video.unlink()
-        write_video(video, frames, fps, keyframe_interval=keyframe_interval)
+        write_video(video, frames, fps, gop_size=gop_size)
     return root
 
 
@@ -99,17 +99,17 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=SHARED_SAMPLES, help="a copy of shared/samples")
     parser.add_argument("--data", type=Path, default=None, help="a prepared clip-format dataset instead of the samples")
     parser.add_argument("--latent-cache", action="store_true", help="also time the precomputed-latent loader")
-    parser.add_argument("--keyframe-interval", type=int, nargs="+", default=None, metavar="N",
+    parser.add_argument("--gop-size", type=int, nargs="+", default=None, metavar="N",
                         help="also time the pixel path on the samples re-encoded with a keyframe every N frames "
-                             "(what prepare's keyframe_interval writes; the samples' own H.264 has one per 250)")
+                             "(what prepare's gop_size writes; the samples' own H.264 has one per 250)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/loader_speed.json, or "
                         "loader_speed_latent_cache.json with --latent-cache")
     args = parser.parse_args()
-    if (args.latent_cache or args.keyframe_interval) and args.data:
-        parser.error("--latent-cache and --keyframe-interval write next to the clips: use them with the shared "
+    if (args.latent_cache or args.gop_size) and args.data:
+        parser.error("--latent-cache and --gop-size write next to the clips: use them with the shared "
                      "samples, not --data")
     args.out = args.out or (RESULTS.with_name("loader_speed_latent_cache.json") if args.latent_cache
-                            else RESULTS.with_name("loader_speed_keyframes.json") if args.keyframe_interval
+                            else RESULTS.with_name("loader_speed_gop.json") if args.gop_size
                             else RESULTS)
 
     build_seconds = None
@@ -119,9 +119,9 @@ def main() -> None:
         if args.latent_cache:
             build_seconds = build_cache(root, args)
             runs += [samples_per_second(root, workers, args, latent_cache=True) for workers in args.workers]
-        for interval in args.keyframe_interval or []:
+        for interval in args.gop_size or []:
             encoded = reencode(sample_clip_root(args.samples, Path(folder) / f"keyframes_{interval}"), interval)
-            runs += [{**samples_per_second(encoded, workers, args), "keyframe_interval": interval}
+            runs += [{**samples_per_second(encoded, workers, args), "gop_size": interval}
                      for workers in args.workers]
     result = {
         "benchmark": f"stage-B training samples/s at {args.size}x{args.size}, {args.frames} frame(s) per sample",

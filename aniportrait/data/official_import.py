@@ -68,7 +68,7 @@ class ImportConfig:
     split_seed: int = 0
     crf: int = 18
     preset: str = "medium"
-    keyframe_interval: int | None = 16  # as prepare's: cheap random frame access in training (null: x264's 250)
+    gop_size: int | None = 16  # as prepare's: cheap random frame access in training (null: x264's 250)
 
 
 def _resolve(path_text: str, base: Path) -> Path:
@@ -196,7 +196,7 @@ def _import_clip(
     try:
         with atomic_dir(clip_dir(root, clip_id), replace=True) as folder:  # a rerun redoes an unfinished source
             with VideoWriter(folder / "video.mp4", config.fps, crf=config.crf, preset=config.preset,
-                             keyframe_interval=config.keyframe_interval) as writer:
+                             gop_size=config.gop_size) as writer:
                 writer.set_audio(audio)
                 for path in frame_paths:
                     image = cv2.imread(str(path), cv2.IMREAD_COLOR)

@@ -112,16 +112,16 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, crf: int = 18, preset: str = "medium",
-                 audio_sample_rate: int = 16_000, threads: int = 1, keyframe_interval: int | None = None):
+                 audio_sample_rate: int = 16_000, threads: int = 1, gop_size: int | None = None):
         self.path = Path(path)
         self.fps = Fraction(fps).limit_denominator(1001)
         self.crf = crf
         self.preset = preset
         # at most this many frames from one keyframe to the next (x264 ``g``; None: x264's 250). Reading frame k
         # decodes from the keyframe before it, so short intervals make random frame access (training) cheap.
-        if keyframe_interval is not None and keyframe_interval < 1:
-            raise AniPortraitError(f"keyframe_interval={keyframe_interval}: use a positive frame count or None")
-        self.keyframe_interval = keyframe_interval
+        if gop_size is not None and gop_size < 1:
+            raise AniPortraitError(f"gop_size={gop_size}: use a positive frame count or None")
+        self.gop_size = gop_size
         self.threads = threads
         self.audio_sample_rate = audio_sample_rate
         self._audio: np.ndarray | None = None
@@ -149,7 +149,7 @@ class VideoWriter:
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(self.crf), "preset": self.preset,
-                          **({"g": str(self.keyframe_interval)} if self.keyframe_interval else {})}
+                          **({"g": str(self.gop_size)} if self.gop_size else {})}
         stream.codec_context.thread_count = self.threads
         self._stream = stream
         self._audio_stream = None
@@ -221,9 +221,9 @@ class VideoWriter:
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, audio: np.ndarray | None = None,
-                crf: int = 18, preset: str = "medium", keyframe_interval: int | None = None) -> Path:
+                crf: int = 18, preset: str = "medium", gop_size: int | None = None) -> Path:
     """Write all frames (T, H, W, 3) uint8 RGB in one call; see :class:`VideoWriter`."""
-    with VideoWriter(path, fps, crf=crf, preset=preset, keyframe_interval=keyframe_interval) as writer:
+    with VideoWriter(path, fps, crf=crf, preset=preset, gop_size=gop_size) as writer:
         writer.set_audio(audio)
         writer.write(frames)
     return Path(path)

@@ -39,13 +39,13 @@ class EncoderProcess:
     context manager that keeps the file only when the block succeeds), encoding in a child process."""
 
     def __init__(self, path: str | os.PathLike, fps: float, crf: int = 18, preset: str = "medium",
-                 audio_sample_rate: int = 16_000, threads: int = 1, keyframe_interval: int | None = None):
+                 audio_sample_rate: int = 16_000, threads: int = 1, gop_size: int | None = None):
         self.path = Path(path)
         self.frames_written = 0
         self._size: tuple[int, int] | None = None
         self._audio_sent = False
         settings = {"path": str(self.path), "fps": float(fps), "crf": crf, "preset": preset,
-                    "audio_sample_rate": audio_sample_rate, "threads": threads, "keyframe_interval": keyframe_interval}
+                    "audio_sample_rate": audio_sample_rate, "threads": threads, "gop_size": gop_size}
         package_root = str(Path(__file__).resolve().parents[2])  # the child imports this package from here too
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self._stderr = tempfile.TemporaryFile()
@@ -156,7 +156,7 @@ def _serve(settings: dict) -> int:
     stream = sys.stdin.buffer
     writer = VideoWriter(settings["path"], settings["fps"], crf=settings["crf"], preset=settings["preset"],
                          audio_sample_rate=settings["audio_sample_rate"], threads=settings["threads"],
-                         keyframe_interval=settings["keyframe_interval"])
+                         gop_size=settings["gop_size"])
     try:
         while True:
             kind = stream.read(1)

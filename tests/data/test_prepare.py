@@ -235,9 +235,9 @@ def test_options_are_checked() -> None:
         parse_overrides(["input=a", "output=b", "size=big"])
     with pytest.raises(AniPortraitError, match="even"):
         parse_overrides(["input=a", "output=b", "size=255"])
-    assert parse_overrides(["input=a", "output=b", "keyframe_interval=null"]).keyframe_interval is None
-    with pytest.raises(AniPortraitError, match="keyframe_interval must be a positive number of frames"):
-        parse_overrides(["input=a", "output=b", "keyframe_interval=0"])
+    assert parse_overrides(["input=a", "output=b", "gop_size=null"]).gop_size is None
+    with pytest.raises(AniPortraitError, match="gop_size must be a positive number of frames"):
+        parse_overrides(["input=a", "output=b", "gop_size=0"])
 
 
 def test_cli_reports_bad_input_with_exit_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -284,7 +284,7 @@ def test_sample_clips_end_to_end(prepared: tuple[Path, PrepareConfig]) -> None:
         assert info.fps == pytest.approx(25.0)
         assert record.frames == 62 and record.duration_s == pytest.approx(2.48)
         assert (root / "clips" / record.id / "clip.json").is_file()
-        assert max(np.diff(keyframes(record.path(root, "video")))) <= 16  # keyframe_interval: cheap random reads
+        assert max(np.diff(keyframes(record.path(root, "video")))) <= 16  # gop_size: cheap random reads
 
 
 @needs_shared

@@ -21,18 +21,18 @@ def media():
     return frames, rng.normal(0, 0.1, 16_000).astype(np.float32)
 
 
-def test_keyframe_interval_spaces_the_keyframes_and_keeps_the_frames(tmp_path, media):
+def test_gop_size_spaces_the_keyframes_and_keeps_the_frames(tmp_path, media):
     frames, _ = media
     long = np.concatenate([frames] * 4)  # 36 frames
     write_video(tmp_path / "default.mp4", long, 25)
-    write_video(tmp_path / "short.mp4", long, 25, keyframe_interval=8)
+    write_video(tmp_path / "short.mp4", long, 25, gop_size=8)
     assert keyframes(tmp_path / "default.mp4") == [0]  # x264's default interval is 250 frames
     spaced = keyframes(tmp_path / "short.mp4")
     assert spaced[0] == 0 and len(spaced) >= 5 and max(np.diff(spaced + [36])) <= 8
     np.testing.assert_allclose(read_video(tmp_path / "short.mp4").astype(float),
                                read_video(tmp_path / "default.mp4").astype(float), atol=40)  # the same frames, lossy
-    with pytest.raises(AniPortraitError, match="keyframe_interval=0"):
-        VideoWriter(tmp_path / "bad.mp4", 25, keyframe_interval=0)
+    with pytest.raises(AniPortraitError, match="gop_size=0"):
+        VideoWriter(tmp_path / "bad.mp4", 25, gop_size=0)
 
 
 def _leftovers(folder):

@@ -121,7 +121,7 @@ def write_clip(
     }
     with atomic_dir(clip_dir(root, clip_id), replace=True) as folder:  # a rerun redoes an unfinished source
         with VideoWriter(folder / "video.mp4", fps, crf=config.crf, preset=config.preset,
-                         keyframe_interval=config.keyframe_interval) as writer:
+                         gop_size=config.gop_size) as writer:
             if clip_audio is not None and config.mux_audio:
                 writer.set_audio(clip_audio)
             # One face, as the official code: the crop holds the tracked face, and looking for more would

@@ -53,9 +53,9 @@ class PrepareConfig:
     # Output encoding
     crf: int = 18
     preset: str = "medium"
-    # frames between keyframes (null: x264's 250). Training reads random frames, each decoded from the keyframe
-    # before it: 16 made 2-frame reads 2.3-4.6x faster than 250, for 1.1-1.9x the bytes (benchmarks/README.md)
-    keyframe_interval: int | None = 16
+    # frames from one keyframe to the next (GOP; null: x264's 250). Training reads random frames, each decoded from
+    # the keyframe before it: 16 made 2-frame reads 2.3-4.6x faster than 250, for 1.1-1.9x the bytes
+    gop_size: int | None = 16
     mux_audio: bool = True  # also put the audio into video.mp4 (audio.wav is always written when present)
 
     # Identities and splits
@@ -69,7 +69,7 @@ class PrepareConfig:
     progress: bool = True
 
 
-# Options that change the content of a clip; a resumed run must use the same values. (keyframe_interval is not one:
+# Options that change the content of a clip; a resumed run must use the same values. (gop_size is not one:
 # at a fixed crf it changes where keyframes sit and the file size, not what the frames show, so clips made with
 # different intervals can share a dataset.)
 PROCESSING_KEYS = (
@@ -90,8 +90,8 @@ def _validate(config: PrepareConfig) -> PrepareConfig:
         (1.0 <= config.min_crop_scale <= config.crop_scale, "need 1 <= min_crop_scale <= crop_scale"),
         (0.0 <= config.min_detection_rate <= 1.0, "min_detection_rate is a fraction in [0, 1]"),
         (config.max_faces >= 1, "max_faces must be >= 1"),
-        (config.keyframe_interval is None or config.keyframe_interval >= 1,
-         "keyframe_interval must be a positive number of frames, or null for the encoder's default"),
+        (config.gop_size is None or config.gop_size >= 1,
+         "gop_size must be a positive number of frames, or null for the encoder's default"),
         (0.0 <= config.val_fraction and 0.0 <= config.test_fraction and config.val_fraction + config.test_fraction < 1.0,
          "val_fraction and test_fraction must be >= 0 and sum to less than 1"),
     ]
