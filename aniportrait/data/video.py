@@ -16,7 +16,7 @@ import numpy as np
 from aniportrait.errors import AniPortraitError
 from aniportrait.utils.atomic import temporary_name
 
-__all__ = ["VideoInfo", "probe_video", "read_video", "VideoWriter", "write_video"]
+__all__ = ["FrameSink", "VideoInfo", "probe_video", "read_video", "VideoWriter", "write_video"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,42 @@ def read_video(
         raise AniPortraitError(f"cannot decode video {path} ({error}); the file is corrupt or truncated") from error
 
 
-class VideoWriter:
+class FrameSink:
+    """What every H.264 writer here shares: a context manager that keeps the file only when the block succeeds
+    (``close``) and discards it otherwise (``abort``), and the checks on what ``write`` is given."""
+
+    path: Path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> Path:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def _frame_batch(self, frames: np.ndarray) -> np.ndarray:
+        """``frames`` as a (T, H, W, 3) uint8 batch of even size, or one error naming what is wrong."""
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.dtype != np.uint8 or frames.shape[-1] != 3:
+            raise AniPortraitError(f"{type(self).__name__} expects uint8 RGB frames (..., H, W, 3), got "
+                                   f"{frames.shape} {frames.dtype}")
+        height, width = frames.shape[1:3]
+        if height % 2 or width % 2:
+            raise AniPortraitError(f"H.264 needs even frame sizes; got {width}x{height} for {self.path}")
+        return frames
+
+
+class VideoWriter(FrameSink):
     """Write RGB frames as H.264 (yuv420p) mp4, optionally muxing 16 kHz mono audio as AAC.
 
     >>> with VideoWriter("out.mp4", fps=30) as writer:
@@ -131,20 +166,9 @@ class VideoWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = temporary_name(self.path if self.path.suffix else self.path.with_suffix(".mp4"))
 
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
     def _open(self, height: int, width: int) -> None:
         import av
 
-        if height % 2 or width % 2:
-            raise AniPortraitError(f"H.264 needs even frame sizes; got {width}x{height} for {self.path}")
         self._container = av.open(str(self._tmp), mode="w", format="mp4")
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -163,11 +187,7 @@ class VideoWriter:
     def write(self, frames: np.ndarray) -> None:
         import av
 
-        frames = np.asarray(frames)
-        if frames.ndim == 3:
-            frames = frames[None]
-        if frames.dtype != np.uint8 or frames.shape[-1] != 3:
-            raise AniPortraitError(f"VideoWriter expects uint8 RGB frames (..., H, W, 3), got {frames.shape} {frames.dtype}")
+        frames = self._frame_batch(frames)
         if self._container is None:
             self._open(frames.shape[1], frames.shape[2])
             if self._audio is not None:

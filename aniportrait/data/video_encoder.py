@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aniportrait.data.video import VideoWriter
+from aniportrait.data.video import FrameSink, VideoWriter
 from aniportrait.errors import AniPortraitError
 
 __all__ = ["EncoderProcess"]
@@ -34,7 +34,7 @@ __all__ = ["EncoderProcess"]
 _FRAMES, _AUDIO, _CLOSE = b"F", b"A", b"C"
 
 
-class EncoderProcess:
+class EncoderProcess(FrameSink):
     """:class:`VideoWriter`'s interface (``write``, ``set_audio``, ``close``, ``abort``, ``frames_written``; a
     context manager that keeps the file only when the block succeeds), encoding in a child process."""
 
@@ -53,15 +53,6 @@ class EncoderProcess:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
         _widen_pipe(self._child.stdin.fileno())
 
-    def __enter__(self) -> EncoderProcess:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
     def set_audio(self, samples: np.ndarray | None) -> None:
         """Mono float32 audio at ``audio_sample_rate``, muxed when the writer closes (call before ``write``)."""
         if self._size is not None:
@@ -73,16 +64,9 @@ class EncoderProcess:
         self._audio_sent = True
 
     def write(self, frames: np.ndarray) -> None:
-        frames = np.asarray(frames)
-        if frames.ndim == 3:
-            frames = frames[None]
-        if frames.ndim != 4 or frames.dtype != np.uint8 or frames.shape[-1] != 3:
-            raise AniPortraitError(f"EncoderProcess expects uint8 RGB frames (..., H, W, 3), got {frames.shape} "
-                                   f"{frames.dtype}")
+        frames = self._frame_batch(frames)
         count, height, width = frames.shape[:3]
         if self._size is None:
-            if height % 2 or width % 2:
-                raise AniPortraitError(f"H.264 needs even frame sizes; got {width}x{height} for {self.path}")
             self._size = (height, width)
         elif (height, width) != self._size:
             raise AniPortraitError(f"{self.path}: a {width}x{height} frame after {self._size[1]}x{self._size[0]} "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.utils.pixels import float32_copy
 
 __all__ = ["PoseImageScaling", "POSE_IMAGE_SCALINGS", "scale_pose_images"]
 
@@ -41,7 +42,7 @@ def scale_pose_images(pose_images: torch.Tensor | np.ndarray, mode: PoseImageSca
         raise AniPortraitError(f"pose image scaling {mode!r} is unknown: expected one of {POSE_IMAGE_SCALINGS}")
     images = torch.as_tensor(pose_images)
     if not images.is_floating_point():  # a fresh contiguous buffer, then the same operations in place (same values)
-        images = torch.empty(images.shape, dtype=torch.float32).copy_(images)
+        images = float32_copy(images)
         if mode == "unit":
             images.div_(255.0)
         return images.mul_(2.0).sub_(1.0)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["channels_first_float", "to_signed_unit"]
+__all__ = ["channels_first_float", "float32_copy", "to_signed_unit"]
+
+
+def float32_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A new contiguous float32 tensor with ``tensor``'s values (any layout in, one pass), for in-place arithmetic."""
+    return torch.empty(tensor.shape, dtype=torch.float32).copy_(tensor)
 
 
 def channels_first_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(..., H, W, C) uint8 (numpy or torch) -> a new contiguous float32 (..., C, H, W) tensor holding 0..255."""
     source = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-    source = source.movedim(-1, -3)
-    out = torch.empty(source.shape, dtype=torch.float32)
-    return out.copy_(source)
+    return float32_copy(source.movedim(-1, -3))
 
 
 def to_signed_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
