@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from aniportrait.errors import AniPortraitError
@@ -61,3 +62,27 @@ def set_gradient_checkpointing(unet: nn.Module, setting: bool | Sequence[int],
             for module in block.modules():  # the block and everything in it (attention transformers included)
                 if hasattr(module, "gradient_checkpointing"):
                     module.gradient_checkpointing = False
+
+
+def checkpoint_without_rng_state(module: nn.Module, *args: Any) -> Any:
+    """Checkpointing that neither saves nor restores the RNG state, for CUDA graph capture (which forbids reading the
+    generator's offset). The same function as diffusers' default wherever the checkpointed layers draw no random
+    numbers: :func:`random_modules` lists those that would."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def set_checkpoint_function(unet: nn.Module, function: Any) -> None:
+    """Run ``unet``'s checkpointed layers through ``function`` without changing which layers are checkpointed."""
+    for module in unet.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = function
+
+
+def random_modules(*networks: nn.Module) -> list[str]:
+    """Modules that draw random numbers in training mode (dropout with p > 0), as ``ClassName(p)``."""
+    found = []
+    for network in networks:
+        for module in network.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+                found.append(f"{type(module).__name__}(p={module.p})")
+    return found

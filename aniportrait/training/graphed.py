@@ -15,19 +15,30 @@ it needs no special handling. What stays eager:
 The captured forward runs under autocast without its weight cache, as the graphs require. The capture's warm-up
 passes would move BatchNorm running statistics, so every buffer is restored afterwards: the first graphed step
 computes what the eager step would. tests/training/test_video_performance.py compares the two on a GPU.
+
+Gradient checkpointing (all levels or some, models/checkpointing.py) is captured too: the backward graph holds the
+recomputed forward. Two things make that the eager step: the checkpointed layers run without saving and restoring
+the RNG state (capture forbids reading the generator), which is the same function because they draw no random
+numbers (dropout with p > 0 would be refused), and the reference bank stays filled until the backward has been
+captured, since the recomputed attention reads it again.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from aniportrait.errors import AniPortraitError
+from aniportrait.models.checkpointing import (
+    checkpoint_without_rng_state,
+    random_modules,
+    set_checkpoint_function,
+)
 
 __all__ = ["CUDA_GRAPH_CHOICES", "ConditionalPrediction", "GraphedPrediction", "conditional_prediction", "cuda_graph_problems",
            "use_cuda_graphs"]
@@ -58,10 +69,16 @@ class ConditionalPrediction(nn.Module):
         self.pose_guider, self.reference_unet, self.denoising_unet = pose_guider, reference_unet, denoising_unet
         self.reference_control = reference_control
 
+    @property
+    def recomputes(self) -> bool:
+        """Whether a UNet recomputes checkpointed layers in the backward (which then reads the bank again)."""
+        return self.reference_unet.is_gradient_checkpointing or self.denoising_unet.is_gradient_checkpointing
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         prediction = conditional_prediction(self.pose_guider, self.reference_unet, self.denoising_unet,
                                             self.reference_control, *inputs)
-        self.reference_control.clear()  # autograd keeps what backward needs; the bank's references can go
+        if not self.recomputes:
+            self.reference_control.clear()  # autograd keeps what backward needs; the bank's references can go
         return prediction
 
 
@@ -70,7 +87,8 @@ CAPTURE_OPTIONS: dict[str, Any] = {"capture_error_mode": "thread_local"}
 
 
 def cuda_graph_problems(*, device_type: str, strategy: str, compile_options: Any, accumulate_grad_batches: int,
-                        gradient_checkpointing: bool, uncond_per_sample: bool) -> list[str]:
+                        gradient_checkpointing: bool, uncond_per_sample: bool,
+                        random_modules: Sequence[str] = ()) -> list[str]:
     """What keeps a captured step from computing the eager step, each with the key to change (empty: nothing)."""
     problems = []
     if device_type != "cuda":
@@ -83,8 +101,10 @@ def cuda_graph_problems(*, device_type: str, strategy: str, compile_options: Any
     if accumulate_grad_batches != 1:
         problems.append(f"trainer.accumulate_grad_batches={accumulate_grad_batches}: the graph's gradient buffers are "
                         "rewritten by every replay (use 1 and a larger loader.batch_size)")
-    if gradient_checkpointing:
-        problems.append("model.gradient_checkpointing recomputes the forward inside the backward (set it to false)")
+    if gradient_checkpointing and random_modules:
+        problems.append(f"model.gradient_checkpointing recomputes layers that draw random numbers "
+                        f"({', '.join(sorted(set(random_modules)))}), whose RNG state a graph cannot restore (set "
+                        "the dropout to 0 or model.gradient_checkpointing to false)")
     if uncond_per_sample:
         problems.append("model.loss.uncond_per_sample=true drops the reference per sample, so almost every step "
                         "would run eagerly (set it to false, as officially)")
@@ -93,7 +113,7 @@ def cuda_graph_problems(*, device_type: str, strategy: str, compile_options: Any
 
 def use_cuda_graphs(choice: Any, **settings: Any) -> bool:
     """``model.performance.cuda_graphs``: true (captured, or an error naming what prevents it), false, or auto (the
-    default: captured wherever nothing prevents it, i.e. one CUDA device without compile or checkpointing; the
+    default: captured wherever nothing prevents it, i.e. one CUDA device without compile; the
     choice is logged). The graphed step computes the eager one (the gpu test of tests/training/test_video_performance.py),
     so auto changes speed, never results."""
     if choice not in CUDA_GRAPH_CHOICES:
@@ -145,6 +165,12 @@ class GraphedPrediction:
                                        self.prediction.denoising_unet, self.prediction.reference_control)
         buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
         samples = tuple(tensor.detach().clone() for tensor in inputs)
+        if module.recomputes:
+            found = random_modules(module.reference_unet, module.denoising_unet)
+            if found:  # use_cuda_graphs refuses these; a guard for callers that build this class themselves
+                raise AniPortraitError(f"CUDA graphs with gradient checkpointing need layers without dropout: {found}")
+            for unet in (module.reference_unet, module.denoising_unet):
+                set_checkpoint_function(unet, checkpoint_without_rng_state)
         with self._autocast():
             # thread_local: only this thread's capture-unsafe calls count. In the default global mode a call such as
             # the loader's pin-memory thread allocating page-locked memory invalidates the capture (seen on an H200:
@@ -152,6 +178,7 @@ class GraphedPrediction:
             # cudaErrorStreamCaptureInvalidated, in one of two runs sharing a GPU).
             self._graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=self.num_warmup_iters,
                                                               allow_unused_input=True, **_capture_options())
+        self.prediction.reference_control.clear()  # kept for the recomputation in the captured backward
         with torch.no_grad():  # the warm-up passes updated BatchNorm statistics: put them back, in place
             for name, buffer in module.named_buffers():
                 buffer.copy_(buffers[name])

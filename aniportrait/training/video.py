@@ -57,7 +57,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from aniportrait.bundle import BUNDLE_FILE, Bundle, export_bundle, load_component_weights, load_vae
 from aniportrait.errors import AniPortraitError
-from aniportrait.models.checkpointing import parse_checkpointing, set_gradient_checkpointing
+from aniportrait.models.checkpointing import parse_checkpointing, random_modules, set_gradient_checkpointing
 from aniportrait.models.checkpoints import load_state_dict_checked, read_checkpoint
 from aniportrait.models.reference_attention import ReferenceAttentionControl
 from aniportrait.models.unet3d import MOTION_MODULE_KEYS
@@ -367,7 +367,8 @@ class _VideoDiffusionModule(pl.LightningModule):
                                compile_options=self.performance["compile"], accumulate_grad_batches=accumulate,
                                gradient_checkpointing=any(unet.is_gradient_checkpointing  # what the nets do
                                                           for unet in (self.reference_unet, self.denoising_unet)),
-                               uncond_per_sample=bool(self.loss_settings["uncond_per_sample"])):
+                               uncond_per_sample=bool(self.loss_settings["uncond_per_sample"]),
+                               random_modules=random_modules(self.reference_unet, self.denoising_unet)):
             return
         autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self._graphed_prediction = GraphedPrediction(self.pose_guider, self.reference_unet, self.denoising_unet,

@@ -65,11 +65,15 @@ def test_cuda_graphs_refuse_what_a_captured_step_cannot_do():
     for key, value, named in (("device_type", "cpu", "trainer=gpu"), ("strategy", "DDPStrategy", "trainer.devices=1"),
                               ("compile_options", {}, "model.performance.compile"),
                               ("accumulate_grad_batches", 4, "trainer.accumulate_grad_batches=4"),
-                              ("gradient_checkpointing", True, "model.gradient_checkpointing"),
+                              ("random_modules", ["Dropout(p=0.1)"], "model.gradient_checkpointing"),
                               ("uncond_per_sample", True, "model.loss.uncond_per_sample")):
         with pytest.raises(AniPortraitError, match=named.replace(".", r"\.")):
-            use_cuda_graphs(True, **{**settings, key: value})
-        assert not use_cuda_graphs("auto", **{**settings, key: value})  # auto: the eager step instead
+            use_cuda_graphs(True, **{**settings, key: value, "gradient_checkpointing": key == "random_modules"})
+        assert not use_cuda_graphs("auto", **{**settings, key: value, "gradient_checkpointing": key == "random_modules"})
+    # checkpointing is captured (its recomputation is part of the backward graph) unless it would replay dropout
+    assert use_cuda_graphs(True, **{**settings, "gradient_checkpointing": True})
+    assert use_cuda_graphs("auto", **{**settings, "gradient_checkpointing": True, "random_modules": []})
+    assert use_cuda_graphs("auto", **{**settings, "random_modules": ["Dropout(p=0.1)"]})  # no recomputation: fine
     with pytest.raises(AniPortraitError, match="cuda_graphs='yes': expected true, false or auto"):
         use_cuda_graphs("yes", **settings)
 
@@ -81,8 +85,56 @@ def test_cuda_graphs_auto_is_the_default_and_eager_on_the_cpu():
     assert module._graphed_prediction is None  # the CPU: nothing captured
 
 
+def test_captured_module_with_checkpointing_keeps_the_bank_and_the_gradients():
+    """What the graphs capture with checkpointing on, run eagerly on the CPU: ConditionalPrediction keeps the
+    reference bank for the backward (the recomputed attention reads it again) and checkpointing without the RNG state
+    gives the gradients of diffusers' default checkpointing (no layer draws random numbers)."""
+    from aniportrait.models.checkpointing import (
+        checkpoint_without_rng_state,
+        random_modules,
+        set_checkpoint_function,
+    )
+    from aniportrait.training.graphed import ConditionalPrediction
+
+    def gradients(checkpointing, function=None):
+        torch.manual_seed(0)
+        module = VideoStage1Module({"kind": "tiny", "seed": 0}, gradient_checkpointing=checkpointing)
+        module.setup("fit")
+        module.train()
+        if function is not None:
+            for unet in (module.reference_unet, module.denoising_unet):
+                set_checkpoint_function(unet, function)
+        # the step's graphed path, with the module the graphs would capture run as it is
+        module._graphed_prediction = ConditionalPrediction(module.pose_guider, module.reference_unet,
+                                                           module.denoising_unet, module.reference_control)
+        assert module._graphed_prediction.recomputes is bool(checkpointing)
+        assert random_modules(module.reference_unet, module.denoising_unet) == []
+        loss = module._diffusion_loss(_batch(), stream=0, allow_uncond=False)
+        assert bool(module.reference_control.bank) is bool(checkpointing)  # kept for the recomputation
+        loss.backward()
+        module.reference_control.clear()
+        return loss.detach(), {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = gradients(False)
+    for checkpointing in (True, [0]):
+        loss, checkpointed = gradients(checkpointing, checkpoint_without_rng_state)
+        torch.testing.assert_close(loss, plain_loss)
+        assert checkpointed.keys() == plain.keys()
+        assert _relative(checkpointed, plain) < 1e-5
+
+
+def test_random_modules_finds_dropout():
+    from torch import nn
+
+    from aniportrait.models.checkpointing import random_modules
+
+    assert random_modules(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0))) == []
+    assert random_modules(nn.Sequential(nn.Dropout(0.1)), nn.Dropout2d(0.5)) == ["Dropout(p=0.1)", "Dropout2d(p=0.5)"]
+
+
 @pytest.mark.gpu
-def test_cuda_graphs_compute_the_eager_step(monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True, [0]], ids=["plain", "checkpointing", "levels0"])
+def test_cuda_graphs_compute_the_eager_step(monkeypatch, checkpointing):
     """Two steps on one batch, eager and replayed from the graphs: the same losses, gradients and BatchNorm
     statistics (the capture's warm-up passes must not move them). Full fp32 and deterministic kernels: with cuDNN's
     default TF32 convolutions the two runs may pick different algorithms, and the gradients then differ by ~5e-4
@@ -93,16 +145,17 @@ def test_cuda_graphs_compute_the_eager_step(monkeypatch):
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32 matmuls either
     try:
-        _compare_graphed_with_eager()
+        _compare_graphed_with_eager(checkpointing)
     finally:
         torch.set_float32_matmul_precision(precision)
 
 
-def _compare_graphed_with_eager():
+def _compare_graphed_with_eager(checkpointing):
 
     def steps(cuda_graphs):
         torch.manual_seed(0)
         module = VideoStage1Module({"kind": "tiny", "seed": 0}, loss={"uncond_ratio": 0.0},
+                                   gradient_checkpointing=checkpointing,
                                    performance={"cuda_graphs": cuda_graphs}).cuda()
         module.setup("fit")
         module.train()
