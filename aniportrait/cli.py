@@ -228,6 +228,7 @@ def options_from_config(cfg: DictConfig) -> dict[str, Any]:
         "steps": cfg.get("steps"), "guidance": cfg.get("guidance"), "seed": cfg.get("seed", 42),
         "context_frames": cfg.get("context_frames"), "context_overlap": cfg.get("context_overlap"),
         "window_batch": cfg.get("window_batch", 1), "decode_batch": cfg.get("decode_batch"),
+        "encoder_threads": cfg.get("encoder_threads"),
         "deep_cache_interval": cfg.get("deep_cache_interval"),
         "scheduler": OmegaConf.to_container(cfg.scheduler) if isinstance(cfg.get("scheduler"), DictConfig)
         else cfg.get("scheduler"), "sampling": cfg.get("sampling"),

@@ -92,9 +92,10 @@ class CollectingWriter:
     (``CollectingWriter.written``, reset by each new writer)."""
 
     written: list[np.ndarray] = []
+    threads: int | None = None  # what the last writer was given
 
-    def __init__(self, path, fps):
-        CollectingWriter.written = []
+    def __init__(self, path, fps, threads=1):
+        CollectingWriter.written, CollectingWriter.threads = [], threads
 
     def __enter__(self):
         return self

@@ -47,7 +47,33 @@ def test_a_consumer_that_stops_stops_the_producer():
             break
     count = len(produced)
     time.sleep(0.1)
-    assert len(produced) == count < 20  # the thread has ended, not run on
-    assert not any(thread.name == "producer" for thread in threading.enumerate())
+    assert len(produced) == count < 20  # the producer has stopped, not run on
     with pytest.raises(ValueError, match="max_items=0"):
         next(in_background(iter([1]), max_items=0))
+
+
+def producer_thread():
+    yield threading.get_ident()
+
+
+def test_the_worker_is_kept_for_the_next_call_and_ends_with_its_consumer():
+    """Per-thread library state (cuDNN's autotuned plans) lasts from one video to the next: the same consumer thread
+    gets the same producer thread; another consumer thread gets its own, which ends when that consumer ends; a nested
+    call of the same name does not wait on itself."""
+    import gc
+
+    first, second = (list(in_background(producer_thread()))[0] for _ in range(2))
+    assert first == second != threading.get_ident()
+    nested = [list(in_background(producer_thread()))[0] for _ in in_background(iter([1, 2]))]
+    assert len(nested) == 2 and first not in nested  # a thread of its own while the kept one is busy
+
+    seen = []
+    consumer = threading.Thread(target=lambda: seen.extend(in_background(producer_thread(), name="other")))
+    consumer.start()
+    consumer.join()
+    assert seen and seen[0] != first
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while any(thread.ident == seen[0] for thread in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(thread.ident == seen[0] for thread in threading.enumerate())  # ended with its consumer

@@ -283,6 +283,34 @@ def test_generate_video_samples_with_the_resolved_deep_cache_interval(monkeypatc
         assert seen[-1] == expected
 
 
+def test_encoder_threads_reach_the_encoder(monkeypatch, tmp_path):
+    """generate_video's x264 threads: encoder_threads, or one per usable core up to MAX_AUTO_THREADS."""
+    from aniportrait.data import video_encoder
+
+    class Frames:
+        preset, video_settings = SimpleNamespace(name="project"), {}
+
+        def __call__(self, *args, **kwargs):
+            return np.zeros((len(args[1]), 8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(generate_module, "EncoderProcess", CollectingWriter)
+    portrait = Portrait(np.zeros((8, 8, 3), np.uint8), np.full((478, 3), 0.5, np.float32), np.zeros((468, 3), np.float32),
+                        np.eye(4, dtype=np.float32), np.zeros(52, np.float32))
+    poses = LandmarkPoseFrames(np.full((4, 468, 2), 0.5, np.float32), (8, 8))
+    for cores, threads, expected in ((2, None, 2), (64, None, video_encoder.MAX_AUTO_THREADS), (64, 3, 3)):
+        monkeypatch.setattr(video_encoder.os, "sched_getaffinity", lambda _, cores=cores: set(range(cores)), raising=False)
+        options = AnimationOptions(width=8, height=8, chunk_frames=4, chunk_overlap=1, encoder_threads=threads,
+                                   progress=False)
+        assert generate_video(Frames(), portrait, poses, tmp_path / "out.mp4", 30.0, None, options) == 4
+        assert CollectingWriter.threads == expected
+    with pytest.raises(AniPortraitError, match="encoder_threads=0"):
+        AnimationOptions(encoder_threads=0)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        assert compose(config_name="infer").encoder_threads is None
+        set_threads = compose(config_name="infer", overrides=["encoder_threads=4"])
+    assert AnimationOptions.from_kwargs(**options_from_config(set_threads)).encoder_threads == 4
+
+
 # -- benchmarks/realtime.py --tiny ----------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from aniportrait.audio.io import SAMPLE_RATE
 from aniportrait.data.video import VideoWriter
-from aniportrait.data.video_encoder import EncoderProcess
+from aniportrait.data.video_encoder import EncoderProcess, encoder_threads
 from aniportrait.errors import AniPortraitError
 from aniportrait.face.portrait import Portrait
 from aniportrait.inference.interpolation import build_interpolator, fill_between_keyframes, keyframe_indices
@@ -169,8 +169,8 @@ def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames
 
     keyframes = whole_video() if sampling.chunk_frames is None else stitch_chunks(chunks(), int(options.chunk_overlap))
     frames = fill_between_keyframes(keys, keyframes, interpolator) if interpolator else keyframes
-    with EncoderProcess(output, fps) as writer, tqdm(total=total, desc="frames", unit="frame",
-                                                     disable=not options.progress) as bar:
+    writer = EncoderProcess(output, fps, threads=encoder_threads(options.encoder_threads))
+    with writer, tqdm(total=total, desc="frames", unit="frame", disable=not options.progress) as bar:
         writer.set_audio(_audio_for(audio, total, fps))
         for frame in in_background(frames, WRITE_AHEAD_FRAMES, name="stage-b-frames"):
             writer.write(frame)

@@ -116,6 +116,8 @@ class AnimationOptions:
     context_overlap: int | None = None  # ... and how many neighbouring windows share
     window_batch: int = 1  # context windows denoised together in one UNet call (same frames up to float rounding)
     decode_batch: int | None = None  # frames per VAE decoder call (same frames); None: DECODE_BATCH_SIZE (2)
+    encoder_threads: int | None = None  # x264 threads writing the video; None: one per core, at most 16 (the
+    # bitstream, not the picture, depends on the count)
     deep_cache_interval: int | None = None  # N > 1: the whole UNet every N-th step, its top level between (DeepCache;
     # other frames); 1: every step; None: the bundle's, else the sampling preset's (project 2, official 1)
     scheduler: Any = None  # None: the bundle's; a diffusers scheduler class name or {_target_: ..., **overrides}
@@ -157,6 +159,8 @@ class AnimationOptions:
         optional("context_overlap", values.integer, minimum=0)
         self.window_batch = values.integer("window_batch", self.window_batch, minimum=1)
         optional("decode_batch", values.integer, minimum=1, hint=" frames per VAE call (or null: 2)")
+        optional("encoder_threads", values.integer, minimum=1, maximum=64,
+                 hint=" x264 threads (or null: one per core, at most 16)")
         optional("deep_cache_interval", values.integer, minimum=1,
                  hint=" (1: the whole UNet at every step; or null: the sampling preset's)")
         if isinstance(self.context_frames, int) and self.context_overlap is not None \

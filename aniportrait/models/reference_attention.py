@@ -26,6 +26,7 @@ gradient checkpointing keep the bank (do not ``clear``) until ``backward`` has r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -275,6 +276,22 @@ class ReferenceAttentionControl:
         self.writing = False
         self.read_state = _ReadState(num_frames=int(num_frames), uncond_mask=uncond_mask,
                                      cache_projections=bool(cache_projections))
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The bank and the cached reference projections, to :meth:`restore` for another video of the same
+        reference and weights (the tensors themselves, not copies: nothing here modifies them in place)."""
+        return dict(self.bank), dict(self.projection_cache)
+
+    def restore(self, bank: Mapping[str, torch.Tensor],
+                projections: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back a :meth:`snapshot`: as if the ReferenceNet had just written ``bank`` (call ``read`` next)."""
+        self._check_installed()
+        missing = [path for path in self.paths if path not in bank]
+        if missing:
+            raise AniPortraitError(f"restore: the bank lacks {len(missing)} of {len(self.paths)} blocks "
+                                   f"(e.g. {missing[0]}); give a snapshot() of this control")
+        self.bank, self.projection_cache = dict(bank), dict(projections)
+        self.writing, self.read_state = False, None
 
     def clear(self) -> None:
         """Drop the bank; both UNets compute ordinary self-attention until the next write()/read()."""

@@ -3,7 +3,9 @@
 Per video (official ``pipeline_pose2vid_long.py`` semantics, minus its per-step recomputation):
 
 * the CLIP image embedding and the ReferenceNet's reference tokens are computed once (ReferenceNet at
-  timestep 0), and the PoseGuider's features once per context window (they depend on no timestep);
+  timestep 0), and the PoseGuider's features once per context window (they depend on no timestep); the next call
+  with the same reference image, size, guidance and weights (a stream's next chunk, a batch of drivers for one
+  portrait) reuses the embedding, the tokens and their key/value projections (about 70 MB at SD-1.5 shapes);
 * classifier-free guidance: the unconditional half gets a zero CLIP embedding and no reference tokens
   (the reference-attention reader lets those rows attend to their own tokens only), as official;
 * videos longer than ``context_frames`` are denoised in overlapping windows (``context_overlap`` frames shared by
@@ -27,10 +29,12 @@ trained here (``from_bundle`` takes it from the bundle).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +152,16 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+@dataclass
+class _ReferenceMemo:
+    """One call's reference pass, reused by the next call with the same :meth:`Pose2VideoPipeline._reference_key`."""
+
+    key: tuple
+    embeds: torch.Tensor
+    bank: dict[str, torch.Tensor]
+    projections: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 class Pose2VideoPipeline:
     """Reference image + pose images -> video, with the models of stage B (see the module docstring).
 
@@ -172,6 +186,7 @@ class Pose2VideoPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.vae_image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
         self.video_settings: dict[str, Any] = {}  # a bundle's settings["video"] (from_bundle)
+        self._reference_memo: _ReferenceMemo | None = None  # the last call's reference pass (see _reference_key)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle | str | os.PathLike, device: str | torch.device = "cpu",
@@ -369,15 +384,21 @@ class Pose2VideoPipeline:
         device, unet_dtype = self.device, _module_dtype(self.denoising_unet)
         latents_dtype = _module_dtype(self.image_encoder) if preset.latents_dtype == "image_encoder" else torch.float32
 
-        reference_pixels, clip_image = self._reference_inputs(reference_image, height, width)
+        key = self._reference_key(reference_image, height, width, guided)
+        memo = self._reference_memo if self._reference_memo is not None and self._reference_memo.key == key else None
+        self._reference_memo = None  # kept again below once this call's pass is complete
         reference_pose_tensor = None
         if reference_pose is not None:
             reference_pose = self._check_image("reference_pose", reference_pose, 3)
             reference_pose_tensor = self._pose_tensor(reference_pose[None], height, width)[:, :, 0]
 
-        embeds = self._clip_embeds(clip_image)  # (1, 1, D)
-        if guided:
-            embeds = torch.cat([torch.zeros_like(embeds), embeds])  # (2, 1, D): [uncond; cond]
+        if memo is not None:
+            embeds = memo.embeds
+        else:
+            reference_pixels, clip_image = self._reference_inputs(reference_image, height, width)
+            embeds = self._clip_embeds(clip_image)  # (1, 1, D)
+            if guided:
+                embeds = torch.cat([torch.zeros_like(embeds), embeds])  # (2, 1, D): [uncond; cond]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = randn_tensor((1, self.denoising_unet.config.in_channels, num_frames, height // self.vae_scale_factor,
                                 width // self.vae_scale_factor), generator=generator, device=device, dtype=latents_dtype)
@@ -392,7 +413,10 @@ class Pose2VideoPipeline:
         groups = self._window_groups(schedule, window_batch)
         counts = schedule.counts(num_frames).to(device, latents_dtype).view(1, 1, -1, 1, 1)
         try:
-            self._write_reference(reference_pixels, embeds, guided)
+            if memo is not None:
+                self.reference_control.restore(memo.bank, memo.projections)
+            else:
+                self._write_reference(reference_pixels, embeds, guided)
             deep: dict[int, torch.Tensor] = {}  # per window group: the deep features of its last whole step
             for step, timestep in enumerate(tqdm(self.scheduler.timesteps, desc="denoising", disable=not progress)):
                 noise_pred = latents.new_zeros((2 if guided else 1, *latents.shape[1:]))  # ([uncond;] cond, 4, T, h, w)
@@ -426,9 +450,20 @@ class Pose2VideoPipeline:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
+            self._reference_memo = _ReferenceMemo(key, embeds, *self.reference_control.snapshot())
         finally:
             self.reference_control.clear()
         return latents
+
+    def _reference_key(self, reference_image: np.ndarray, height: int, width: int, guided: bool) -> tuple:
+        """What the reference pass depends on: the image's pixels, the output size, guidance (the unconditional
+        embedding and bank rows), the preset and every weight it touches (storage and in-place version: a
+        ``load_state_dict``, ``to()`` or ``optimize`` changes them)."""
+        weights = tuple((parameter.data_ptr(), parameter._version)
+                        for module in (self.vae, self.image_encoder, self.reference_unet, self.denoising_unet)
+                        for parameter in module.parameters())
+        digest = hashlib.blake2b(np.ascontiguousarray(reference_image).data, digest_size=16).hexdigest()
+        return digest, reference_image.shape, height, width, guided, self.preset, weights
 
     def _step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
         accepted = set(inspect.signature(self.scheduler.step).parameters)

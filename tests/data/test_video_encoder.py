@@ -53,6 +53,20 @@ def test_same_file_as_the_in_process_writer(tmp_path, media):
     assert not _leftovers(tmp_path)
 
 
+def test_more_threads_encode_the_same_picture(tmp_path):
+    """x264 frame threads change the bitstream, not what it decodes to beyond the codec's loss."""
+    y, x = np.mgrid[:48, :64]
+    source = np.stack([np.stack([(x * 4 + 3 * t) % 256, (y * 5 + t) % 256, np.full_like(x, 60 + 4 * t)], -1)
+                       for t in range(27)]).astype(np.uint8)  # smooth moving ramps
+    for threads in (1, 4):
+        with EncoderProcess(tmp_path / f"{threads}.mp4", 25, threads=threads) as writer:
+            writer.write(source)
+    one, four = (read_video(tmp_path / f"{threads}.mp4").astype(float) for threads in (1, 4))
+    assert one.shape == four.shape == source.shape
+    errors = [np.abs(decoded - source).mean() for decoded in (one, four)]
+    assert max(errors) < 6 and abs(errors[0] - errors[1]) < 0.5, errors  # each as close to the source
+
+
 def test_an_error_in_the_block_keeps_no_file(tmp_path, media):
     frames, _ = media
     with pytest.raises(RuntimeError, match="sampling failed"):

@@ -112,3 +112,40 @@ def test_deep_cache_runs_the_whole_unet_every_nth_step(models):
     assert cached.shape == whole.shape and 15 < _psnr(cached, whole) < 80
     with pytest.raises(AniPortraitError, match="deep_cache_interval"):
         _run(pipeline, deep_cache_interval=0)
+
+
+def test_the_next_call_with_the_same_reference_reuses_its_pass(models):
+    """A second call with the same reference, size, guidance and weights (a stream's next chunk) skips the reference
+    pass (CLIP, VAE encoding, ReferenceNet) and gives the frames a fresh pipeline gives; another reference, another
+    guidance or changed weights run it again."""
+    calls = []
+    hooks = [models.reference_unet.register_forward_hook(lambda *_: calls.append("reference_unet")),
+             models.image_encoder.register_forward_hook(lambda *_: calls.append("image_encoder"))]
+    try:
+        pipeline = pipeline_of(models)
+        first = _run(pipeline)
+        assert calls == ["image_encoder", "reference_unet"]
+        again = _run(pipeline)
+        assert calls == ["image_encoder", "reference_unet"]  # reused
+        np.testing.assert_array_equal(again, first)
+        pipeline = pipeline_of(models)  # a fresh pipeline (it reinstalls the processors: the old one is done)
+        np.testing.assert_array_equal(_run(pipeline), first)  # the same frames
+        calls.clear()
+        reference, poses = _inputs()
+        pipeline(reference[::-1].copy(), poses, num_inference_steps=1, guidance_scale=3.5, context_frames=8,
+                 progress=False)
+        pipeline(reference[::-1].copy(), poses, num_inference_steps=1, guidance_scale=1.0, context_frames=8,
+                 progress=False)
+        assert calls.count("reference_unet") == 2  # another image, then another guidance
+        calls.clear()
+        _run(pipeline)
+        with torch.no_grad():
+            models.reference_unet.conv_in.bias.add_(0.5)  # weights changed in place (as load_state_dict does)
+        changed = _run(pipeline)
+        assert calls.count("reference_unet") == 2
+        assert not np.array_equal(changed, first)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            models.reference_unet.conv_in.bias.sub_(0.5)
