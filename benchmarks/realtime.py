@@ -11,10 +11,11 @@ The weights are random (the student has the teacher's architecture, so its speed
 learnt); the student's quality comes from the learning benchmark (``--quality``: stage_b_learning*.json's
 ``distillation`` block, the 4-step student against the 25-step teacher on held-out clips of the small backbone) and
 is copied into the result with its source. ``--sequential`` also times a shorter video with sampling and writing on
-one thread (the overlap's lever).
+one thread (the overlap's lever); ``--breakdown`` one more with the time of each part (:class:`StageTimes`).
 
     python benchmarks/realtime.py                                  # GPU: writes benchmarks/results/realtime.json
     python benchmarks/realtime.py --seconds 20 --steps 2 --out /tmp/realtime_2.json
+    python benchmarks/realtime.py --steps 2 --decode-batch 8 --breakdown 20   # + where 20 s of video spend time
     python benchmarks/realtime.py --tiny                           # CPU smoke test: tiny backbone, 64 x 64
 """
 
@@ -35,6 +36,7 @@ from video_bench_setup import random_sd15_backbone
 
 import aniportrait.inference.generate as generate_module
 from aniportrait.data.synthetic import SyntheticSpec, generate_clip
+from aniportrait.data.video_encoder import encoder_threads
 from aniportrait.face.portrait import Portrait
 from aniportrait.inference import AnimationOptions, LandmarkPoseFrames, generate_video
 from aniportrait.pipelines.pose2video import DECODE_BATCH_SIZE
@@ -57,6 +59,99 @@ def talking_head(seconds: float, fps: float, size: int, clip_seconds: float) -> 
     return portrait, landmarks[cycle[np.arange(frames) % len(cycle)]], audio
 
 
+class StageTimes:
+    """Where a streamed video's time goes, by patching the parts for the duration of a ``with`` block.
+
+    Wall clock on the producer thread: the pose drawing, the denoising loop (synchronised at its end, so it holds
+    its GPU time) and within it the pose images' conversion to tensors and the reference pass, the VAE decoding with
+    its copies to the host; on the main thread the hand-over of frames to the encoder process (a full pipe waits
+    for the encoder). GPU time (CUDA events, no synchronisation): each network's forwards. The producer's rest
+    (cross-fading, a full frame queue) is the video's time less its parts."""
+
+    WALL = ("pose_drawing", "pose_tensors", "reference_pass", "denoise", "decode", "encoder_write")
+    TIMELINE_EVENTS = 24
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+        self.seconds = dict.fromkeys(self.WALL, 0.0)
+        self.calls = dict.fromkeys(self.WALL, 0)
+        self.networks = {"denoising_unet": pipeline.denoising_unet, "pose_guider": pipeline.pose_guider,
+                         "reference_unet": pipeline.reference_unet, "vae_decoder": pipeline.vae.decoder}
+        self.events: dict[str, list] = {name: [] for name in self.networks}
+        self.timeline: list[tuple[str, float, float]] = []  # (part, start after __enter__, seconds)
+        self.started = time.perf_counter()
+
+    def _add(self, key: str, started: float) -> None:
+        ended = time.perf_counter()
+        self.seconds[key] += ended - started
+        self.calls[key] += 1
+        if len(self.timeline) < self.TIMELINE_EVENTS:  # the first chunk's parts: what the first frame waits for
+            self.timeline.append((key, round(started - self.started, 3), round(ended - started, 3)))
+
+    def _timed(self, key: str, function: Any, synchronise: bool = False) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            result = function(*args, **kwargs)
+            if synchronise and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._add(key, started)
+            return result
+        return timed
+
+    def _decode(self, function: Any) -> Any:
+        def decode(*args: Any, **kwargs: Any) -> Any:
+            frames = function(*args, **kwargs)
+            while True:
+                started = time.perf_counter()
+                try:
+                    batch = next(frames)
+                except StopIteration:
+                    return
+                finally:
+                    self._add("decode", started)
+                yield batch
+        return decode
+
+    def __enter__(self) -> StageTimes:
+        self.started = time.perf_counter()
+        cls, writer = type(self.pipeline), generate_module.EncoderProcess
+        self._saved = [(owner, name, getattr(owner, name)) for owner, name in (
+            (cls, "denoise"), (cls, "decode"), (cls, "_pose_tensor"), (cls, "_write_reference"),
+            (LandmarkPoseFrames, "render"), (writer, "write"))]
+        patched = [self._timed("denoise", cls.denoise, synchronise=True), self._decode(cls.decode),
+                   self._timed("pose_tensors", cls._pose_tensor), self._timed("reference_pass", cls._write_reference),
+                   self._timed("pose_drawing", LandmarkPoseFrames.render), self._timed("encoder_write", writer.write)]
+        for (owner, name, _), replacement in zip(self._saved, patched):
+            setattr(owner, name, replacement)
+        self._hooks = []
+        if torch.cuda.is_available():
+            for name, network in self.networks.items():
+                def before(module, args, name=name):
+                    start = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    self.events[name].append([start, None])
+
+                def after(module, args, output, name=name):
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    self.events[name][-1][1] = end
+                self._hooks += [network.register_forward_pre_hook(before), network.register_forward_hook(after)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
+        for hook in self._hooks:
+            hook.remove()
+
+    def gpu_seconds(self) -> dict[str, Any]:
+        """Per network: GPU seconds of its forwards and their count (after the events are complete)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return {name: {"seconds": round(sum(start.elapsed_time(end) for start, end in pairs if end) / 1000, 3),
+                       "calls": len(pairs)} for name, pairs in self.events.items()}
+
+
 class _Deadline(Exception):
     """Raised from on_frame when the timed video runs past ``--deadline``."""
 
@@ -71,7 +166,9 @@ def run_video(pipeline, portrait, landmarks: np.ndarray, audio: np.ndarray, args
                                context_frames=args.context_frames, context_overlap=4, window_batch=args.window_batch,
                                decode_batch=args.decode_batch, deep_cache_interval=1,  # as a student bundle samples
                                chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap,
-                               first_chunk_frames=args.first_chunk, progress=False)
+                               first_chunk_frames=args.first_chunk, encoder_threads=args.encoder_threads,
+                               progress=False)
+    pipeline._reference_memo = None  # each video starts without an earlier video's reference pass (a new stream)
     stamps: list[float] = []
 
     def on_frame(_: int) -> None:
@@ -144,7 +241,8 @@ def summary(args: argparse.Namespace, streamed: dict[str, Any], warmup: float) -
                      "first_chunk_frames": args.first_chunk,
                      "context_frames": args.context_frames, "window_batch": args.window_batch,
                      "decode_batch_size": args.decode_batch, "channels_last": True, "compile": args.compile,
-                     "encoder": "libx264 crf 18 preset medium + AAC"},
+                     "encoder": "libx264 crf 18 preset medium + AAC",
+                     "encoder_threads": encoder_threads(args.encoder_threads)},
         "student_quality": quality or None,
         "note": f"psnr_gap_to_teacher_db: the largest over the datasets of the {args.steps}-step student's PSNR gap "
                 "to the 25-step teacher (positive: the student is worse; against ground truth, held-out clips, "
@@ -178,6 +276,8 @@ def main() -> None:
     parser.add_argument("--decode-batch", type=int, default=8,
                         help="frames per VAE call (infer.py decode_batch; the 19.2 frames/s of 2026-12-03 used 8; "
                              f"infer.py's default is {DECODE_BATCH_SIZE}, which keeps the official 48-frame peak)")
+    parser.add_argument("--encoder-threads", type=int, default=None,
+                        help="x264 threads (infer.py encoder_threads; default: one per core, at most 16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder")
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="stop the timed video once the script has run SECONDS (model setup and warm-up "
@@ -185,6 +285,9 @@ def main() -> None:
                              "call's limit less a margin, and the measurement is never lost")
     parser.add_argument("--sequential", type=float, default=0.0, metavar="SECONDS",
                         help="also time a video of SECONDS with sampling and writing on one thread")
+    parser.add_argument("--breakdown", type=float, default=0.0, metavar="SECONDS",
+                        help="also time a video of SECONDS with the seconds spent in pose drawing, denoising, "
+                             "decoding and the encoder hand-over (result key breakdown)")
     parser.add_argument("--quality", type=Path, nargs="*", default=[
         RESULTS.parent / "stage_b_learning_graphs.json", RESULTS.parent / "stage_b_learning.json"],
                         help="learning-benchmark results whose distillation block gives the student's quality")
@@ -221,6 +324,26 @@ def main() -> None:
             result["sequential"] = {"seconds_of_video": args.sequential, "overlapped": overlapped,
                                     "one_thread": one_thread,
                                     "speedup": round(one_thread["seconds"] / overlapped["seconds"], 3)}
+            write(result, args.out)
+        if args.breakdown:
+            frames = int(args.breakdown * args.fps)
+            with StageTimes(pipeline) as times:
+                timed = run_video(pipeline, portrait, landmarks[:frames], audio[: int(args.breakdown * 16_000)], args,
+                                  Path(folder) / "breakdown.mp4")
+            wall = {key: round(value, 3) for key, value in times.seconds.items()}
+            top_level = ("pose_drawing", "denoise", "decode")  # the producer's parts (the others are inside denoise)
+            result["breakdown"] = {
+                "seconds_of_video": args.breakdown, "video": timed, "encoder_threads": encoder_threads(args.encoder_threads),
+                "wall_seconds": wall, "calls": times.calls, "gpu_seconds": times.gpu_seconds(),
+                "first_events": times.timeline,
+                "producer_other_seconds": round(timed["seconds"] - sum(wall[key] for key in top_level), 3),
+                "note": "wall seconds on the producer thread (pose_drawing, denoise with pose_tensors and "
+                        "reference_pass inside it, synchronised at its end; decode with the copies to the host) and "
+                        "on the main thread (encoder_write: handing frames to the encoder process, which waits when "
+                        "the encoder is behind); gpu_seconds from CUDA events around each network's forwards; "
+                        "first_events: the first parts as (part, start, seconds) from the video's start; "
+                        "producer_other: the video's time less the producer's parts (cross-fading, a full queue)"}
+            print("breakdown: " + json.dumps(result["breakdown"]), flush=True)
             write(result, args.out)
     print(json.dumps({key: result[key] for key in ("gpu", "frames_per_s", "first_frame_latency_s",
                                                    "psnr_gap_to_teacher_db", "warmup_seconds")}))

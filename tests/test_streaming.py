@@ -316,11 +316,16 @@ def test_encoder_threads_reach_the_encoder(monkeypatch, tmp_path):
 
 def test_realtime_benchmark_smoke_run(tmp_path):
     out = tmp_path / "realtime.json"
-    result = subprocess.run([sys.executable, "benchmarks/realtime.py", "--tiny", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, "benchmarks/realtime.py", "--tiny", "--breakdown", "1", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    breakdown = report["breakdown"]  # where 1 s of video spent its time: the parts ran, and were counted
+    assert breakdown["video"]["frames"] == 30 and breakdown["calls"]["encoder_write"] == 30
+    assert breakdown["calls"]["denoise"] >= 1 and breakdown["calls"]["decode"] >= 1
+    assert 0 < breakdown["wall_seconds"]["denoise"] < breakdown["video"]["seconds"]
+    assert breakdown["calls"]["reference_pass"] == 1  # later chunks of the video reuse the reference pass
     assert report["frames_per_s"] > 0 and report["first_frame_latency_s"] > 0
     streamed = report["streamed"]
     assert streamed["frames"] == 90  # 3 s at 30 fps
