@@ -168,7 +168,7 @@ def run_video(pipeline, portrait, landmarks: np.ndarray, audio: np.ndarray, args
                                chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap,
                                first_chunk_frames=args.first_chunk, encoder_threads=args.encoder_threads,
                                progress=False)
-    pipeline._reference_memo = None  # each video starts without an earlier video's reference pass (a new stream)
+    pipeline.forget_reference()  # each video starts without an earlier video's reference pass (a new stream)
     stamps: list[float] = []
 
     def on_frame(_: int) -> None:

@@ -64,6 +64,7 @@ def test_the_worker_is_kept_for_the_next_call_and_ends_with_its_consumer():
 
     first, second = (list(in_background(producer_thread()))[0] for _ in range(2))
     assert first == second != threading.get_ident()
+    assert [thread.daemon for thread in threading.enumerate() if thread.ident == first] == [True]  # exit never waits
     nested = [list(in_background(producer_thread()))[0] for _ in in_background(iter([1, 2]))]
     assert len(nested) == 2 and first not in nested  # a thread of its own while the kept one is busy
 

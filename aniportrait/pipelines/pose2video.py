@@ -455,6 +455,11 @@ class Pose2VideoPipeline:
             self.reference_control.clear()
         return latents
 
+    def forget_reference(self) -> None:
+        """Drop the kept reference pass (its ~70 MB at SD-1.5 shapes); the next call runs it again. Benchmarks call
+        this before each timed video, so that every one pays for its reference as a user's first video does."""
+        self._reference_memo = None
+
     def _reference_key(self, reference_image: np.ndarray, height: int, width: int, guided: bool) -> tuple:
         """What the reference pass depends on: the image's pixels, the output size, guidance (the unconditional
         embedding and bank rows), the preset and every weight it touches (storage and in-place version: a

@@ -8,15 +8,16 @@ exception in the producer is raised in the consumer, and a consumer that stops e
 The worker thread is kept for the consumer thread's next call: per-thread state of the libraries the producer
 uses survives from one video to the next. cuDNN's autotuned convolution plans (``cudnn.benchmark``) are such
 state; with a new thread per video, each video's first chunk autotuned every convolution again (about 3 s of an
-H200 stream's 5.5 s first-frame latency). The worker ends with its consumer thread.
+H200 stream's 5.5 s first-frame latency). The worker, a daemon thread, ends with its consumer thread.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from typing import TypeVar
 
 __all__ = ["in_background"]
@@ -51,8 +52,8 @@ def in_background(items: Iterable[T], max_items: int = 64, name: str = "producer
         except BaseException as error:  # handed to the consumer, raised there
             put(error)
 
-    executor, kept = _worker(name)
-    worker = executor.submit(produce)
+    thread, kept = _worker(name)
+    worker = thread.submit(produce)
     try:
         while True:
             item = buffer.get()
@@ -67,19 +68,46 @@ def in_background(items: Iterable[T], max_items: int = 64, name: str = "producer
         if kept:
             _workers.busy.discard(name)
         else:
-            executor.shutdown()
+            thread.close()
+
+
+class _WorkerThread:
+    """A daemon thread running one job at a time (so a stuck producer never holds up the interpreter's exit); it ends
+    when this object is closed or collected."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_serve, args=(self._jobs,), name=name, daemon=True).start()
+        self._finalizer = weakref.finalize(self, self._jobs.put, None)  # collected: the thread's loop ends
+
+    def submit(self, job: Callable[[], None]) -> Future:
+        future: Future = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    while (item := jobs.get()) is not None:
+        job, future = item
+        try:
+            future.set_result(job())
+        except BaseException as error:  # noqa: BLE001  (produce() catches its own; this is a last resort)
+            future.set_exception(error)
 
 
 _workers = threading.local()  # per consumer thread: its producers' workers (dropped with the thread, which ends them)
 
 
-def _worker(name: str) -> tuple[ThreadPoolExecutor, bool]:
+def _worker(name: str) -> tuple[_WorkerThread, bool]:
     """The calling thread's kept worker for ``name`` (True), or a new one for this call while that one is busy."""
-    if not hasattr(_workers, "executors"):
-        _workers.executors, _workers.busy = {}, set()
+    if not hasattr(_workers, "threads"):
+        _workers.threads, _workers.busy = {}, set()
     if name in _workers.busy:  # in_background inside an in_background of the same name: never wait on oneself
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name), False
-    if name not in _workers.executors:
-        _workers.executors[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        return _WorkerThread(name), False
+    if name not in _workers.threads:
+        _workers.threads[name] = _WorkerThread(name)
     _workers.busy.add(name)
-    return _workers.executors[name], True
+    return _workers.threads[name], True
