@@ -78,3 +78,26 @@ def test_the_worker_is_kept_for_the_next_call_and_ends_with_its_consumer():
     while any(thread.ident == seen[0] for thread in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(thread.ident == seen[0] for thread in threading.enumerate())  # ended with its consumer
+
+
+def test_a_finished_producer_is_not_kept_by_its_worker():
+    """The kept worker drops the finished job: whatever the producer held (a chunk's tensors) is freed after the
+    call, not at the next video."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    held = []
+
+    def items():  # a producer stopped mid-way keeps its locals until it is collected
+        payload = Payload()
+        held.append(weakref.ref(payload))
+        yield from range(100)
+
+    for item in in_background(items(), max_items=2):
+        if item == 1:
+            break
+    gc.collect()
+    assert held and held[0]() is None

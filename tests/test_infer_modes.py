@@ -136,6 +136,25 @@ def test_keyframes_chunks_and_cross_fades():
     frames = np.stack(list(stitch_chunks([first, second], 3)))
     assert len(frames) == 6 + 5 - 3
     assert frames[:, 0, 0, 0].tolist() == [0, 0, 0, 50, 100, 150, 200, 200]
+    # chunks as batches of decoded frames (what generate_video streams): the same frames, each yielded as soon as it
+    # cannot be in the next chunk's overlap
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 255, (n, 2, 2, 3), dtype=np.uint8) for n in (7, 9, 5)]
+    whole = np.stack(list(stitch_chunks(chunks, 3)))
+    log = []
+
+    def batches(index, chunk):
+        for start in range(0, len(chunk), 2):
+            log.append((index, start))
+            yield chunk[start : start + 2]
+
+    streamed = []
+    for frame in stitch_chunks((batches(index, chunk) for index, chunk in enumerate(chunks)), 3):
+        streamed.append(frame)
+        if len(streamed) == 1:
+            assert log == [(0, 0), (0, 2)]  # the first frame left after 2 of chunk 0's 4 batches (frames 0-3)
+    np.testing.assert_array_equal(np.stack(streamed), whole)
+    assert len(whole) == 7 + 9 + 5 - 2 * 3
 
 
 def _square(x: int) -> np.ndarray:

@@ -106,7 +106,8 @@ def test_on_frame_counts_every_encoded_frame_in_order_on_the_callers_thread(pipe
     assert counts == list(range(1, frames + 1))
     assert probe_video(output).frames == len(read_video(output)) == frames
     assert threads == {threading.get_ident()}  # the encoder's (caller's) thread, not the sampling thread
-    assert not [thread for thread in threading.enumerate() if thread.name == "stage-b-frames"]
+    # the sampling thread is kept for the caller's next video (cuDNN plans are per thread), not one per video
+    assert len([thread for thread in threading.enumerate() if thread.name == "stage-b-frames"]) <= 1
 
 
 def test_a_failing_on_frame_stops_sampling_and_leaves_no_file(pipeline, talking, tmp_path):
@@ -118,7 +119,8 @@ def test_a_failing_on_frame_stops_sampling_and_leaves_no_file(pipeline, talking,
         _generate(pipeline, talking, tmp_path / "stopped.mp4", 30, on_frame, sampling="project", chunk_frames=10,
                   chunk_overlap=2, context_frames=8, context_overlap=2)
     assert list(tmp_path.iterdir()) == []  # no partial mp4, no temporary file
-    assert not [thread for thread in threading.enumerate() if thread.name == "stage-b-frames"]  # joined
+    # the sampling thread is kept for the caller's next video (cuDNN plans are per thread), not one per video
+    assert len([thread for thread in threading.enumerate() if thread.name == "stage-b-frames"]) <= 1  # joined
 
 
 # -- window_batch ---------------------------------------------------------------------------------------------
@@ -268,9 +270,9 @@ def test_generate_video_samples_with_the_resolved_deep_cache_interval(monkeypatc
     class Recorder:
         preset, video_settings = SimpleNamespace(name="project"), {}
 
-        def __call__(self, *args, deep_cache_interval, **kwargs):
+        def frames(self, *args, deep_cache_interval, **kwargs):
             seen.append(deep_cache_interval)
-            return np.zeros((len(args[1]), 8, 8, 3), np.uint8)
+            yield np.zeros((len(args[1]), 8, 8, 3), np.uint8)
 
     monkeypatch.setattr(generate_module, "EncoderProcess", CollectingWriter)
     portrait = Portrait(np.zeros((8, 8, 3), np.uint8), np.full((478, 3), 0.5, np.float32), np.zeros((468, 3), np.float32),
@@ -290,8 +292,8 @@ def test_encoder_threads_reach_the_encoder(monkeypatch, tmp_path):
     class Frames:
         preset, video_settings = SimpleNamespace(name="project"), {}
 
-        def __call__(self, *args, **kwargs):
-            return np.zeros((len(args[1]), 8, 8, 3), np.uint8)
+        def frames(self, *args, **kwargs):
+            yield np.zeros((len(args[1]), 8, 8, 3), np.uint8)
 
     monkeypatch.setattr(generate_module, "EncoderProcess", CollectingWriter)
     portrait = Portrait(np.zeros((8, 8, 3), np.uint8), np.full((478, 3), 0.5, np.float32), np.zeros((468, 3), np.float32),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,22 +79,30 @@ def chunk_spans(num_frames: int, chunk_frames: int, overlap: int, first_frames: 
     return spans
 
 
-def stitch_chunks(chunks: Iterable[np.ndarray], overlap: int) -> Iterator[np.ndarray]:
+def stitch_chunks(chunks: Iterable[np.ndarray | Iterable[np.ndarray]], overlap: int) -> Iterator[np.ndarray]:
     """Chunks of frames whose neighbours share ``overlap`` frames -> each frame once, the shared ones cross-faded
-    (the later chunk's weight rising linearly through the overlap)."""
+    (the later chunk's weight rising linearly through the overlap).
+
+    A chunk is an array (T, H, W, 3) or an iterable of such batches (the pipeline's frames as the VAE decodes them):
+    a frame is yielded as soon as it is known not to be in the overlap with the next chunk, so a stream's first
+    frames leave while the rest of their chunk still decodes."""
     tail: np.ndarray | None = None  # the last `overlap` frames of the previous chunk, held back
     for chunk in chunks:
-        if tail is not None and len(tail):
-            weights = (np.arange(1, len(tail) + 1, dtype=np.float32) / (len(tail) + 1))[:, None, None, None]
-            chunk = chunk.copy()
-            chunk[: len(tail)] = np.round((1 - weights) * tail + weights * chunk[: len(tail)]).astype(np.uint8)
-        keep = len(chunk) - overlap
-        yield from chunk[:keep]
-        tail = chunk[keep:]
+        weights = None if tail is None else np.arange(1, len(tail) + 1, dtype=np.float32) / (len(tail) + 1)
+        held: deque[np.ndarray] = deque()  # this chunk's frames not yet yielded: the last `overlap` stay
+        position = 0
+        for batch in ([chunk] if isinstance(chunk, np.ndarray) else chunk):
+            for frame in batch:
+                if tail is not None and position < len(tail):
+                    weight = weights[position]
+                    frame = np.round((1 - weight) * tail[position] + weight * frame).astype(np.uint8)
+                position += 1
+                held.append(frame)
+                if len(held) > overlap:
+                    yield held.popleft()
+        tail = np.stack(held) if held else np.zeros((0,), np.uint8)
     if tail is not None:
         yield from tail
-
-
 
 
 def build_sampling_scheduler(choice: Any, base: Any, key: str = "scheduler") -> Any:
@@ -165,7 +174,7 @@ def generate_video(pipeline: Pose2VideoPipeline, portrait: Portrait, pose_frames
     def chunks() -> Iterator[np.ndarray]:
         for span in chunk_spans(len(keys), sampling.chunk_frames, int(options.chunk_overlap),
                                 options.first_chunk_frames):
-            yield pipeline(portrait.image, pose_frames.render(keys[span]), reference_pose, **arguments)
+            yield pipeline.frames(portrait.image, pose_frames.render(keys[span]), reference_pose, **arguments)
 
     keyframes = whole_video() if sampling.chunk_frames is None else stitch_chunks(chunks(), int(options.chunk_overlap))
     frames = fill_between_keyframes(keys, keyframes, interpolator) if interpolator else keyframes

@@ -13,6 +13,7 @@ H200 stream's 5.5 s first-frame latency). The worker, a daemon thread, ends with
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import weakref
@@ -77,16 +78,31 @@ class _WorkerThread:
 
     def __init__(self, name: str):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=_serve, args=(self._jobs,), name=name, daemon=True).start()
+        self._thread = threading.Thread(target=_serve, args=(self._jobs,), name=name, daemon=True)
+        self._thread.start()
         self._finalizer = weakref.finalize(self, self._jobs.put, None)  # collected: the thread's loop ends
+        _alive.add(self)
 
     def submit(self, job: Callable[[], None]) -> Future:
         future: Future = Future()
         self._jobs.put((job, future))
         return future
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         self._finalizer()
+        if timeout is not None:
+            self._thread.join(timeout)
+
+
+_alive: weakref.WeakSet[_WorkerThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_workers() -> None:
+    """End the idle workers before the interpreter finalizes (a thread that ran torch code and is still alive then
+    aborts the process); a busy one gets a few seconds, then is left to die as a daemon."""
+    for worker in list(_alive):
+        worker.close(timeout=5.0)
 
 
 def _serve(jobs: queue.SimpleQueue) -> None:
@@ -96,6 +112,7 @@ def _serve(jobs: queue.SimpleQueue) -> None:
             future.set_result(job())
         except BaseException as error:  # noqa: BLE001  (produce() catches its own; this is a last resort)
             future.set_exception(error)
+        del item, job, future  # the finished producer (its frames, its tensors) is not kept until the next job
 
 
 _workers = threading.local()  # per consumer thread: its producers' workers (dropped with the thread, which ends them)
