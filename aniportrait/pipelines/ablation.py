@@ -51,6 +51,7 @@ def ablated(pipeline: Any, *names: str) -> Iterator[Any]:
             pipeline.pose_guider = _ZeroPoseFeatures(pipeline.pose_guider)
         if "reference" in names:
             control = pipeline.reference_control
+            pipeline.forget_reference()  # a kept reference pass of an earlier call must not be read either
             # the bank is never filled and never read: the denoising UNet's self-attention sees its own tokens only
             restore.append((pipeline, "_write_reference", pipeline.__dict__.get("_write_reference")))
             pipeline._write_reference = lambda *args, **kwargs: control.clear()
@@ -64,6 +65,8 @@ def ablated(pipeline: Any, *names: str) -> Iterator[Any]:
                     block.motion_modules = None
         yield pipeline
     finally:
+        if "reference" in names:
+            pipeline.forget_reference()
         for owner, attribute, value in reversed(restore):
             if value is None and attribute in ("_write_reference", "read"):
                 delattr(owner, attribute)  # back to the class's method

@@ -450,7 +450,9 @@ class Pose2VideoPipeline:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise_pred, timestep, latents, **step_kwargs).prev_sample
-            self._reference_memo = _ReferenceMemo(key, embeds, *self.reference_control.snapshot())
+            bank, projections = self.reference_control.snapshot()
+            if all(path in bank for path in self.reference_control.paths):  # not an ablation's empty bank
+                self._reference_memo = _ReferenceMemo(key, embeds, bank, projections)
         finally:
             self.reference_control.clear()
         return latents

@@ -49,6 +49,17 @@ def test_each_cut_changes_the_frames_and_is_undone_afterwards(pipeline, path):
     assert np.array_equal(generate(pipeline), full), "the pipeline was not restored"
 
 
+def test_the_kept_reference_pass_never_crosses_a_reference_cut(pipeline):
+    """The pipeline keeps a call's reference pass for the next call with the same reference: a cut reference must
+    neither reuse a full call's pass nor leave its empty bank for the full call after it."""
+    pipeline.forget_reference()
+    cut_first = generate(pipeline, "reference")
+    full = generate(pipeline)  # after a cut call: runs its own reference pass
+    assert np.abs(cut_first.astype(int) - full.astype(int)).max() > 0
+    assert np.array_equal(generate(pipeline, "reference"), cut_first)  # after a full call: still cut
+    assert np.array_equal(generate(pipeline), full)
+
+
 def test_a_cut_changes_nothing_where_its_path_carries_nothing():
     models = build_video_models({"kind": "tiny", "seed": 0})
     randomize(models.reference_unet, seed=0)
