@@ -207,11 +207,11 @@ class FailingPipeline:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, reference_image, pose_images, reference_pose, **kwargs):
+    def frames(self, reference_image, pose_images, reference_pose, **kwargs):
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("CUDA out of memory")
-        return np.zeros((len(pose_images), 64, 64, 3), np.uint8)
+        yield np.zeros((len(pose_images), 64, 64, 3), np.uint8)
 
 
 def test_a_failure_mid_video_leaves_no_partial_mp4(clip_npz, tmp_path):
