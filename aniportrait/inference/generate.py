@@ -86,7 +86,7 @@ def stitch_chunks(chunks: Iterable[np.ndarray | Iterable[np.ndarray]], overlap: 
     A chunk is an array (T, H, W, 3) or an iterable of such batches (the pipeline's frames as the VAE decodes them):
     a frame is yielded as soon as it is known not to be in the overlap with the next chunk, so a stream's first
     frames leave while the rest of their chunk still decodes."""
-    tail: np.ndarray | None = None  # the last `overlap` frames of the previous chunk, held back
+    tail: list[np.ndarray] | None = None  # the last `overlap` frames of the previous chunk, held back
     for chunk in chunks:
         weights = None if tail is None else np.arange(1, len(tail) + 1, dtype=np.float32) / (len(tail) + 1)
         held: deque[np.ndarray] = deque()  # this chunk's frames not yet yielded: the last `overlap` stay
@@ -100,7 +100,7 @@ def stitch_chunks(chunks: Iterable[np.ndarray | Iterable[np.ndarray]], overlap: 
                 held.append(frame)
                 if len(held) > overlap:
                     yield held.popleft()
-        tail = np.stack(held) if held else np.zeros((0,), np.uint8)
+        tail = list(held)
     if tail is not None:
         yield from tail
 
