@@ -27,6 +27,7 @@ frames like the rows above):
 
     deepcache_2 / _3     the whole UNet every 2nd / 3rd of the 25 steps, its top level between (DeepCache)
     auto_windows         context_frames=auto: the fewest windows of at most 32 frames (context_windows block)
+    guidance_1           the teacher's 25 DDIM steps without guidance (guidance block): does CFG 3.5 cost PSNR?
 
 The GPU has no MediaPipe, so the work is split in two phases:
 
@@ -94,8 +95,11 @@ FAST_VARIANTS: dict[str, dict[str, Any]] = {
     "deepcache_2": {"deep_cache_interval": 2}, "deepcache_3": {"deep_cache_interval": 3},
     # context_frames=auto: the fewest windows of at most 32 frames (1.3x at SD-1.5 shapes), other frames
     "auto_windows": {"context_frames": "auto"},
+    # the teacher's 25 DDIM steps without classifier-free guidance (the bundle's 3.5): what guidance costs or gives
+    # against ground truth on a from-scratch backbone; the students sample without it
+    "guidance_1": {"guidance_scale": 1.0},
 }
-SAMPLING_KEYS = ("steps", "distilled", "deep_cache_interval", "context_frames")
+SAMPLING_KEYS = ("steps", "distilled", "deep_cache_interval", "context_frames", "guidance_scale")
 PACK_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB: larger packs are split into parts
 
 
@@ -258,12 +262,13 @@ def _train_overrides(args: argparse.Namespace, root: Path) -> list[str]:
 def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, ablate: list[str],
                         scheduler: dict[str, str], out_dir: Path, steps: int | None = None,
                         distilled: bool = False, deep_cache_interval: int = 1,
-                        context_frames: int | str = 16) -> list[str]:
+                        context_frames: int | str = 16, guidance_scale: float | None = None) -> list[str]:
     """evaluate.py's overrides for one variant: the test clips of ``root`` generated with ``bundle``, the paths in
     ``ablate`` cut, the sampling scheduler's ``scheduler`` settings changed, ``steps`` steps (default ``--steps``),
     with the bundle's distilled student where ``distilled`` (its sampler, no guidance), deep features reused
     across ``deep_cache_interval`` steps, in windows of ``context_frames`` (16 unless a variant names another: the
-    rows of every run so far, while bundles trained since 2026-12-03 default to auto)."""
+    rows of every run so far, while bundles trained since 2026-12-03 default to auto), at ``guidance_scale`` (None:
+    the bundle's)."""
     return [f"bundle={bundle}", "data=clips", f"data.root={root}", "protocol=self_reenactment",
             f"protocol.generation.ablate=[{','.join(ablate)}]",
             *(f"+protocol.generation.scheduler.{key}={value}" for key, value in scheduler.items()),
@@ -271,6 +276,7 @@ def _evaluate_overrides(args: argparse.Namespace, bundle: Path, root: Path, abla
             f"protocol.generation.distilled={str(distilled).lower()}",
             f"protocol.generation.deep_cache_interval={deep_cache_interval}",
             f"protocol.generation.context_frames={context_frames}",
+            f"protocol.generation.guidance_scale={'null' if guidance_scale is None else guidance_scale}",
             "metrics.enabled=[ssim,psnr]", "metrics.download=false", f"output_dir={out_dir}", "num_workers=2",
             "overwrite=true"]
 
@@ -358,6 +364,7 @@ def train_and_generate(args: argparse.Namespace) -> None:
 
     with ThreadPoolExecutor(max_workers=len(variants)) as pool:
         evaluations = {variant: metrics for variant, metrics in pool.map(evaluate, variants) if metrics is not None}
+    failed = [variant for variant in variants if variant not in evaluations]
     run_dir = bundle.parent
     record = {
         "dataset": args.dataset, "root_name": root.name, "tiny": args.tiny,
@@ -379,6 +386,9 @@ def train_and_generate(args: argparse.Namespace) -> None:
                 for video in sorted((work / "eval" / variant / "generated").glob("*.mp4"))]
     for path in _write_pack(args.out, members):
         print(f"pack: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if failed:  # the pack keeps what finished; the run still fails, naming what did not
+        sys.exit(f"{len(failed)} of {len(variants)} variants wrote no metrics: "
+                 + ", ".join(f"{variant} (log: {work / f'evaluate_{variant}.log'})" for variant in failed))
 
 
 def _write_pack(out: Path, members: list[tuple[Path, str]]) -> list[Path]:
@@ -521,8 +531,9 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
     # the teacher's sampler with deep features reused (issue 16) apart from the few-step rows (issue 17)
     deep_cache = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith("deepcache_")}
     windows = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith("auto_")}  # issue 16's auto
+    guidance = {key: few_steps.pop(key) for key in list(few_steps) if key.startswith("guidance_")}
     distillation = few_steps if set(few_steps) - {"teacher"} else {}
-    for block in (deep_cache, windows):
+    for block in (deep_cache, windows, guidance):
         if block:
             block["teacher"] = few_steps.get("teacher")
     swaps = _identity_swap_rates(work, root, [variant for variant in (*VARIANTS, *fast_variants)
@@ -537,6 +548,7 @@ def _score_dataset(name: str, pack: Path, work: Path) -> dict[str, Any]:
         **({"distillation": distillation} if distillation else {}),
         **({"deep_cache": deep_cache} if deep_cache else {}),
         **({"context_windows": windows} if windows else {}),
+        **({"guidance": guidance} if guidance else {}),
         "identity_swaps": {"rate": {variant: row["rate"] for variant, row in swaps.items()},
                            "full_per_clip": swaps.get("full", {}).get("clips"),
                            "how": "frames closer (at 32 px) to the reference frame of another identity's test clip "

@@ -11,7 +11,20 @@
 set -u
 OUT=${OUT:-/tmp/stage_b_learning_out}; mkdir -p "$OUT"
 if [ -f .whl/site.tar.xz ]; then  # wheels unpacked (xz travels smaller than the wheels' zip)
-  mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+  # Unpacked once per machine and tarball, into a new folder renamed into place: a second run of this script beside
+  # a first (one dataset evaluated while another trains) used to unpack over the libraries the first had mapped,
+  # and two of its evaluate.py processes died of a bus error importing decord (2026-12-04).
+  unpack() {  # under a lock: two scripts starting together unpack once
+    local stamp fresh old
+    stamp=$(cksum < .whl/site.tar.xz)
+    [ "$(cat /tmp/site/.unpacked 2>/dev/null)" = "$stamp" ] && return 0
+    fresh=$(mktemp -d /tmp/site.XXXXXX) && tar -xJf .whl/site.tar.xz -C "$fresh" && echo "$stamp" > "$fresh/.unpacked" \
+      || return 1
+    old=$(mktemp -u /tmp/site.old.XXXXXX)
+    if [ -d /tmp/site ]; then mv /tmp/site "$old" || return 1; fi  # a running import keeps the files it opened
+    mv "$fresh" /tmp/site
+  }
+  exec 9> /tmp/site.lock && flock 9 && unpack && exec 9>&- || { echo "could not unpack .whl/site.tar.xz" >&2; exit 1; }
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1

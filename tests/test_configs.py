@@ -124,7 +124,9 @@ def test_the_learning_benchmark_overrides_compose_and_reach_their_stages(tmp_pat
         assert generation.steps == spec.get("steps", 25) and generation.distilled == spec.get("distilled", False)
         assert generation.deep_cache_interval == spec.get("deep_cache_interval", 1)
         assert generation.context_frames == spec.get("context_frames", 16)
+        assert generation.guidance_scale == spec.get("guidance_scale")  # None: the bundle's
         assert dict(generation.scheduler) == spec.get("scheduler", {})
+    assert benchmark.FAST_VARIANTS["guidance_1"]["guidance_scale"] == 1.0
 
 
 def test_trainer_gpu_gives_the_measured_same_function_speed_settings(tmp_path):
